@@ -1,0 +1,129 @@
+"""Flat per-task gradient buffers filled by parameter gradient hooks.
+
+One ``[rows, P]`` float32 matrix holds every task's gradient (one row per task, two per task
+with the split-half estimator, one for gradients produced outside any task context). Each row is
+viewed per parameter, so a backward hook adds a parameter's gradient into its slice without
+copies, and the Gram matrix of all rows is one matrix product.
+
+Rows are allocated on first use and kept across steps. Instead of zeroing every row after each
+step, a row remembers which parameter slices were written in the current step: the first write
+copies, later ones add, and :meth:`FlatBuffers.finish` zeroes the slices a used row did not
+receive (a parameter without gradient in that task's backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+RowKey = Hashable
+
+
+class FlatBuffers:
+    """Per-row flat float32 gradient storage for a fixed list of parameters.
+
+    Args:
+        params: the trainable parameters, in a fixed order (the optimizer's param_groups order).
+        dtype: storage dtype (float32: sums of bf16 micro-batch gradients stay accurate).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
+        self.params = list(params)
+        self.dtype = dtype
+        self.numels = [p.numel() for p in self.params]
+        self.offsets = [0]
+        for n in self.numels:
+            self.offsets.append(self.offsets[-1] + n)
+        self.numel = self.offsets[-1]
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"parameters live on several devices {sorted(map(str, devices))}; balancedmix needs one")
+        self.device = next(iter(devices)) if devices else torch.device("cpu")
+        self.data = torch.zeros(0, self.numel, dtype=dtype, device=self.device)
+        self.keys: list[RowKey] = []
+        self._row_of: dict[RowKey, int] = {}
+        self._views: list[list[torch.Tensor]] = []
+        self._written: list[list[bool]] = []
+        self.used: set[int] = set()  # rows written in the current step
+
+    # ---------------------------------------------------------------- rows
+    def row(self, key: RowKey) -> int:
+        """Row index of ``key``, allocating a zeroed row on first use."""
+        idx = self._row_of.get(key)
+        if idx is None:
+            idx = self._allocate([key])[0]
+        return idx
+
+    def reserve(self, keys: Sequence[RowKey]) -> None:
+        """Allocate rows for ``keys`` at once (one reallocation), in this order."""
+        new = [k for k in keys if k not in self._row_of]
+        if new:
+            self._allocate(new)
+
+    def _allocate(self, keys: Sequence[RowKey]) -> list[int]:
+        old = self.data
+        data = torch.zeros(old.shape[0] + len(keys), self.numel, dtype=self.dtype, device=self.device)
+        if old.shape[0]:
+            data[: old.shape[0]].copy_(old)
+        self.data = data
+        out = []
+        for key in keys:
+            self._row_of[key] = len(self.keys)
+            out.append(len(self.keys))
+            self.keys.append(key)
+            self._written.append([False] * len(self.params))
+        self._views = [self._row_views(r) for r in range(len(self.keys))]
+        return out
+
+    def _row_views(self, r: int) -> list[torch.Tensor]:
+        row = self.data[r]
+        return [row[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]
+
+    def has(self, key: RowKey) -> bool:
+        return key in self._row_of
+
+    def index(self, key: RowKey) -> int:
+        return self._row_of[key]
+
+    # ---------------------------------------------------------------- filling
+    def add(self, row: int, param_index: int, grad: torch.Tensor) -> None:
+        """Accumulate one parameter's gradient into ``row`` (dense gradients only)."""
+        if grad.is_sparse:
+            raise TypeError(f"sparse gradient for parameter {param_index}; balancedmix supports dense gradients only")
+        view = self._views[row][param_index]
+        written = self._written[row]
+        if written[param_index]:
+            view.add_(grad)
+        else:
+            view.copy_(grad)
+            written[param_index] = True
+        self.used.add(row)
+
+    def finish(self) -> list[int]:
+        """Zero the slices that used rows did not receive this step; return the used rows, sorted."""
+        rows = sorted(self.used)
+        for r in rows:
+            written = self._written[r]
+            if not all(written):
+                for i, done in enumerate(written):
+                    if not done:
+                        self._views[r][i].zero_()
+        return rows
+
+    def reset(self) -> None:
+        """Start a new step: every row counts as empty (data is overwritten on first write)."""
+        for r in self.used:
+            self._written[r] = [False] * len(self.params)
+        self.used = set()
+
+    def zero_rows(self, rows: Sequence[int]) -> None:
+        for r in rows:
+            self.data[r].zero_()
+
+    def slice(self, param_index: int) -> slice:
+        return slice(self.offsets[param_index], self.offsets[param_index + 1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
