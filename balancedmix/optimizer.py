@@ -510,6 +510,25 @@ class BalancedOptimizer(torch.optim.Optimizer):
         out["buffer_bytes"] = float(self.buffers.nbytes)
         return out
 
+    def captured_gradients(self) -> dict[str, torch.Tensor]:
+        """Copies of the gradients captured since the last step, per task (halves summed).
+
+        Returns ``{task: flat float32 tensor [P]}`` in the order of the optimizer's trainable
+        parameters, with an ``"untagged"`` entry for backwards run outside :meth:`task`. For
+        inspection and tests; ``step()`` consumes the buffers without copying them.
+        """
+        buf = self.buffers
+        rows = buf.finish()
+        out: dict[str, torch.Tensor] = {}
+        for r in rows:
+            key = buf.keys[r]
+            name = UNTAGGED if key == _UNTAGGED else self.registry.name(key[1])
+            if name in out:
+                out[name] += buf.data[r]
+            else:
+                out[name] = buf.data[r].clone()
+        return out
+
     def diagnostics(self) -> dict[str, float]:
         """The last step's figures as a flat ``{name: float}`` dict (see ``docs/diagnostics.md``).
 
