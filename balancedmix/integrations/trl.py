@@ -1,0 +1,667 @@
+"""TRL ``GRPOTrainer`` integration: per-task gradients, corrections and task mixtures in a GRPO run.
+
+Change the import and add one config object::
+
+    from balancedmix.integrations.trl import BalancedConfig, BalancedGRPOTrainer
+
+    trainer = BalancedGRPOTrainer(
+        model=model, reward_funcs=rewards, args=GRPOConfig(...), train_dataset=ds,   # plain TRL
+        balanced=BalancedConfig(task_key="task", method="normalize", log_dir="runs/a"),
+    )
+    trainer.train()
+
+What the integration does (see ``docs/trl.md`` for the details and the exactness argument):
+
+* **Optimizer** — whatever optimizer the Trainer builds (``args.optim``, ``optimizers=``,
+  ``optimizer_cls_and_kwargs=``) is wrapped in :class:`~balancedmix.optimizer.BalancedOptimizer`
+  in ``create_optimizer``, before ``accelerator.prepare``.
+* **Task labels** — ``_generate_and_score_completions`` adds a ``task_ids`` tensor (one task
+  index per completion, long ``[rows]``) and a ``task_rewards`` tensor (the completion's weighted
+  reward, float ``[rows]``, NaN when unscorable) to the generation batch; both survive TRL's
+  shuffle and split because every per-row tensor is permuted and sliced together.
+* **Single-task backwards** — after TRL's shuffle, the rows of every optimizer step's window of
+  micro-batches are stably re-ordered by task (when the ``loss_type`` and config make the
+  micro-batch grouping irrelevant to the gradient), so most micro-batches hold one task; their
+  backward is attributed with ``opt.task(name)``. A micro-batch that still mixes tasks is split:
+  TRL's own ``_compute_loss`` runs on the whole micro-batch, but its policy forward is done per
+  task sub-batch (rows of one task); the gradient of the loss with respect to each sub-batch's
+  per-token log-probabilities (and entropies) is taken through the loss head only, and each
+  sub-batch is back-propagated once with that seed under its task. The per-task gradients
+  therefore sum to the unsplit micro-batch's gradient for every ``loss_type`` and option
+  (KL, entropy bonus, top-entropy quantile, off-policy mask...), and no backward ever runs
+  over the whole micro-batch more than once.
+* **Metrics** — per optimizer step: every ``BalancedOptimizer.diagnostics()`` key, per-task
+  reward/advantage/completion-length statistics and sample counts go into
+  ``trainer._metrics["train"]`` (hence ``trainer.state.log_history`` and every ``report_to``
+  backend) and, with ``loss``, ``step_time`` and ``learning_rate``, into one JSONL line at
+  ``<log_dir>/metrics.jsonl``.
+* **Mixture** — with ``BalancedConfig.schedule`` the training sampler is a
+  :class:`~balancedmix.sampler.MixtureSampler` (same index structure as TRL's ``RepeatSampler``)
+  and :class:`ScheduleCallback` feeds the schedule the step's metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+from ..logger import JSONLLogger
+from ..optimizer import BalancedOptimizer
+from ..tasks import MissingTaskLabelError, TaskError, TaskKey, TaskRegistry, UnknownTaskError, task_labels
+
+__all__ = [
+    "BalancedConfig",
+    "BalancedGRPOMixin",
+    "BalancedGRPOTrainer",
+    "ScheduleCallback",
+    "TASK_IDS_KEY",
+    "TASK_REWARDS_KEY",
+    "REORDER_SAFE_LOSS_TYPES",
+    "METRICS_FILENAME",
+]
+
+logger = logging.getLogger(__name__)
+
+TASK_IDS_KEY = "task_ids"
+"""Key of the per-row task index tensor (long ``[rows]``) added to TRL's generation batch."""
+TASK_REWARDS_KEY = "task_rewards"
+"""Key of the per-row weighted reward tensor (float ``[rows]``, NaN = unscorable)."""
+METRICS_FILENAME = "metrics.jsonl"
+
+REORDER_SAFE_LOSS_TYPES = frozenset({"grpo", "sapo", "luspo", "dr_grpo", "dapo", "cispo", "vespo"})
+"""Loss types whose gradient does not depend on how an optimizer step's rows are grouped into
+micro-batches of equal size (``bnpo`` normalises by the micro-batch's own token count)."""
+
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+    "num_images",
+    "num_tiles",
+)
+
+# per-task accumulator columns (float64 [K, 7])
+_N, _NR, _RSUM, _RSQ, _ASUM, _AABS, _LSUM = range(7)
+
+
+@dataclasses.dataclass
+class BalancedConfig:
+    """Configuration of the balancedmix part of a :class:`BalancedGRPOTrainer`.
+
+    Attributes:
+        task_key: dataset column naming each row's task (default ``"task"``), or a callable
+            ``rows -> labels`` receiving TRL's list of row dicts.
+        tasks: the task names, in the order used for indices and logs. ``None``: the sorted
+            distinct values of the ``task_key`` column of ``train_dataset`` (required for an
+            ``IterableDataset`` or a callable ``task_key``).
+        method: a registered balancedmix method (``"sum"``, ``"mean"``, ``"normalize"``,
+            ``"pcgrad"``...) or a callable method; ``"sum"`` leaves the update untouched.
+        method_options: keyword options of the method's factory.
+        estimator: ``"raw"`` or ``"split"`` (split-half unbiased norms and noise scales; 2x buffers).
+        schedule: a mixture schedule (``weights(step)`` / ``update(metrics)``) or a
+            ``{task: weight}`` dict; ``None`` keeps TRL's ``RepeatSampler`` (dataset proportions).
+        log_dir: folder of the per-run ``metrics.jsonl``; ``None`` uses ``args.output_dir``.
+        write_jsonl: write the JSONL file (main process only).
+        order_by_task: ``"auto"`` re-orders each optimizer step's rows by task when that leaves
+            the gradient unchanged (see :data:`REORDER_SAFE_LOSS_TYPES`); ``False`` keeps TRL's
+            order (every mixed micro-batch is split); ``True`` requires re-ordering and raises
+            when the config makes it unsafe.
+        nonfinite: ``BalancedOptimizer`` policy for NaN/Inf task gradients.
+        mismatch_tol: ``BalancedOptimizer`` tolerance on the uniform-rescale check of ``p.grad``.
+        seed: seed of the method's generator (PCGrad order); ``None`` uses ``args.seed``.
+    """
+
+    task_key: TaskKey = "task"
+    tasks: Sequence[str] | None = None
+    method: Any = "sum"
+    method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    estimator: str = "raw"
+    schedule: Any = None
+    log_dir: str | None = None
+    write_jsonl: bool = True
+    order_by_task: bool | str = "auto"
+    nonfinite: str = "error"
+    mismatch_tol: float = 1e-3
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ("raw", "split"):
+            raise ValueError(f"BalancedConfig.estimator must be 'raw' or 'split', got {self.estimator!r}")
+        if self.order_by_task not in ("auto", True, False):
+            raise ValueError(f"BalancedConfig.order_by_task must be 'auto', True or False, got {self.order_by_task!r}")
+        if not (isinstance(self.task_key, str) or callable(self.task_key)):
+            raise TypeError(f"BalancedConfig.task_key must be a column name or a callable, got {self.task_key!r}")
+        if self.tasks is not None:
+            self.tasks = list(self.tasks)
+        self.method_options = dict(self.method_options)
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(BalancedConfig))
+
+
+def _is_row_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim >= 1
+
+
+def _take_rows(batch: Mapping[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    """Rows ``index`` of a TRL tensor dict (per-row tensors and lists; 0-d tensors/None kept)."""
+    out: dict[str, Any] = {}
+    idx_list = index.tolist()
+    for key, value in batch.items():
+        if _is_row_tensor(value):
+            out[key] = value[index.to(value.device)]
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in idx_list]
+        else:
+            out[key] = value
+    return out
+
+
+def _cat_rows(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Concatenate TRL tensor dicts row-wise (0-d tensors and None are taken from the first)."""
+    out: dict[str, Any] = {}
+    for key, value in batches[0].items():
+        if _is_row_tensor(value):
+            out[key] = torch.cat([b[key] for b in batches], dim=0)
+        elif isinstance(value, list):
+            out[key] = [x for b in batches for x in b[key]]
+        else:
+            out[key] = value
+    return out
+
+
+def _split_rows(batch: Mapping[str, Any], num_chunks: int) -> list[dict[str, Any]]:
+    rows = len(batch[TASK_IDS_KEY])
+    size = rows // num_chunks
+    return [_take_rows(batch, torch.arange(i * size, (i + 1) * size)) for i in range(num_chunks)]
+
+
+class ScheduleCallback(TrainerCallback):
+    """Feeds an adaptive mixture schedule the metrics of every optimizer step.
+
+    ``metrics_fn`` returns the last step's metrics dict (the JSONL line: diagnostics plus
+    per-task reward means...); ``schedule.update(metrics)`` is called at ``on_step_end``.
+    Schedules without ``update`` are left alone.
+    """
+
+    def __init__(self, schedule: Any, metrics_fn: Callable[[], Mapping[str, float] | None]) -> None:
+        self.schedule = schedule
+        self.metrics_fn = metrics_fn
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        update = getattr(self.schedule, "update", None)
+        metrics = self.metrics_fn()
+        if callable(update) and metrics:
+            update(dict(metrics))
+        return control
+
+
+class _CloseLogCallback(TrainerCallback):
+    def __init__(self, trainer: BalancedGRPOMixin) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.trainer._bm_after_step()
+        return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.trainer._bm_close_log()
+        return control
+
+
+class BalancedGRPOMixin:
+    """Adds balancedmix to a ``GRPOTrainer`` (sub)class: ``class T(BalancedGRPOMixin, MyGRPOTrainer)``.
+
+    Extra constructor keywords: ``balanced`` (a :class:`BalancedConfig`), any
+    :class:`BalancedConfig` field as a keyword (overrides ``balanced``), and
+    ``optimizer_cls_and_kwargs`` (forwarded to the HF Trainer, which GRPOTrainer does not do).
+
+    Public attributes after construction: ``balanced`` (the config), ``task_registry``
+    (task name ↔ index), ``balanced_optimizer`` (the :class:`BalancedOptimizer`, once
+    ``train()`` has built it), ``last_balanced_metrics`` (the last step's JSONL record).
+    """
+
+    def __init__(self, *args: Any, balanced: BalancedConfig | None = None, optimizer_cls_and_kwargs: Any = None, **kwargs: Any) -> None:
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+        config = balanced if balanced is not None else BalancedConfig()
+        if not isinstance(config, BalancedConfig):
+            raise TypeError(f"balanced must be a BalancedConfig, got {type(config).__name__}")
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.balanced = config
+        self.balanced_optimizer: BalancedOptimizer | None = None
+        self.last_balanced_metrics: dict[str, float] | None = None
+        self._bm_stack: contextlib.ExitStack | None = None
+        self._bm_segments: list[tuple[str, int, int]] | None = None
+        self._bm_segment_outputs: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+        self._bm_rewards_per_func: torch.Tensor | None = None
+        self._bm_jsonl: JSONLLogger | None = None
+        self._bm_reset_step()
+        super().__init__(*args, **kwargs)
+        if optimizer_cls_and_kwargs is not None:
+            if self.optimizer is not None:
+                raise RuntimeError("Passing both `optimizers` and `optimizer_cls_and_kwargs` arguments is incompatible.")
+            self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        if getattr(self.args, "remove_unused_columns", False) and isinstance(config.task_key, str):
+            raise ValueError(
+                f"remove_unused_columns=True drops the task column {config.task_key!r} before generation; "
+                "set GRPOConfig(remove_unused_columns=False) (the GRPO default)"
+            )
+        self.task_registry = TaskRegistry(self._bm_discover_tasks())
+        self._bm_stats = torch.zeros(len(self.task_registry), 7, dtype=torch.float64)
+        self._bm_reorder_reason = self._bm_check_reorder()
+        if config.order_by_task is True and self._bm_reorder_reason is not None:
+            raise ValueError(f"order_by_task=True, but re-ordering micro-batches by task would change the gradient: {self._bm_reorder_reason}")
+        self.add_callback(_CloseLogCallback(self))
+        if config.schedule is not None:
+            self.add_callback(ScheduleCallback(config.schedule, lambda: self.last_balanced_metrics))
+
+    # ------------------------------------------------------------------ set-up
+    def _bm_discover_tasks(self) -> list[str]:
+        cfg = self.balanced
+        dataset = getattr(self, "train_dataset", None)
+        columns = getattr(dataset, "column_names", None)
+        key = cfg.task_key
+        if isinstance(key, str) and isinstance(columns, (list, tuple)) and key not in columns:
+            raise MissingTaskLabelError(
+                f"train_dataset has no task column {key!r} (its columns are {list(columns)}); add a column naming "
+                "each row's task or set BalancedConfig(task_key=...)"
+            )
+        seen: list[str] | None = None
+        if isinstance(key, str) and isinstance(columns, (list, tuple)):
+            values = dataset[key]
+            bad = [v for v in set(values) if not isinstance(v, str)]
+            if bad:
+                raise TaskError(f"task column {key!r} holds non-string labels {sorted(map(repr, bad))[:5]}; tasks are named by strings")
+            seen = sorted(set(values))
+        if cfg.tasks is not None:
+            declared = list(cfg.tasks)
+            if seen is not None:
+                unknown = [t for t in seen if t not in declared]
+                if unknown:
+                    raise UnknownTaskError(
+                        f"train_dataset holds task(s) {unknown} that are not declared in BalancedConfig.tasks={declared}"
+                    )
+            return declared
+        if seen is None:
+            raise TaskError(
+                "cannot list the tasks of this train_dataset (iterable dataset or callable task_key); "
+                "declare them with BalancedConfig(tasks=[...])"
+            )
+        if not seen:
+            raise TaskError("train_dataset is empty: no task to train")
+        return seen
+
+    def _bm_check_reorder(self) -> str | None:
+        """Why re-ordering rows by task inside an optimizer step would change the gradient (None: it would not)."""
+        if self.balanced.order_by_task is False:
+            return "disabled by BalancedConfig(order_by_task=False)"
+        if self.loss_type not in REORDER_SAFE_LOSS_TYPES:
+            return f"loss_type={self.loss_type!r} normalises by each micro-batch's own token count"
+        if getattr(self, "_entropy_bonus_enabled", False):
+            return "the entropy bonus is a per-micro-batch token mean"
+        if getattr(self, "top_entropy_quantile", 1.0) < 1.0:
+            return "top_entropy_quantile < 1 takes a quantile over each micro-batch"
+        if getattr(self, "aux_loss_enabled", False):
+            return "the MoE router aux loss is a per-micro-batch quantity"
+        spg, ga = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        if spg % ga != 0 and ga % spg != 0:
+            return f"steps_per_generation={spg} and gradient_accumulation_steps={ga} do not divide one another"
+        return None
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """Build the Trainer's optimizer as usual, then wrap it in a :class:`BalancedOptimizer`."""
+        super().create_optimizer(model) if model is not None else super().create_optimizer()
+        opt = self.optimizer
+        if isinstance(opt, BalancedOptimizer):
+            if tuple(opt.registry.names) != self.task_registry.names:
+                raise TaskError(
+                    f"the BalancedOptimizer passed in declares tasks {list(opt.registry.names)}, the trainer's tasks are "
+                    f"{list(self.task_registry.names)}"
+                )
+            bopt = opt
+            bopt.on_step = self._bm_on_optimizer_step
+        else:
+            cfg = self.balanced
+            bopt = BalancedOptimizer(
+                opt,
+                task_key=cfg.task_key,
+                method=cfg.method,
+                tasks=list(self.task_registry.names),
+                estimator=cfg.estimator,
+                seed=self.args.seed if cfg.seed is None else cfg.seed,
+                nonfinite=cfg.nonfinite,
+                mismatch_tol=cfg.mismatch_tol,
+                on_step=self._bm_on_optimizer_step,
+                **cfg.method_options,
+            )
+        self.optimizer = bopt
+        self.balanced_optimizer = bopt
+        return bopt
+
+    def _get_train_sampler(self, dataset: Any = None) -> Any:
+        schedule = self.balanced.schedule
+        if schedule is None:
+            return super()._get_train_sampler(dataset)
+        from ..sampler import MixtureSampler
+
+        if dataset is None:
+            dataset = self.train_dataset
+        return MixtureSampler(
+            dataset,
+            task_key=self.balanced.task_key,
+            weights=schedule,
+            prompts_per_batch=self.args.generation_batch_size // self.num_generations,
+            num_generations=self.num_generations,
+            repeat_count=self.num_iterations * self.args.steps_per_generation,
+            seed=self.args.seed,
+            tasks=list(self.task_registry.names),
+        )
+
+    # ------------------------------------------------------------------ labels and rewards
+    def _calculate_rewards(self, inputs: Any, prompts: Any, completions: Any, completion_ids_list: Any) -> torch.Tensor:
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._bm_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        names = task_labels(inputs, self.balanced.task_key, self.task_registry)
+        ids = [self.task_registry.index(n) for n in names]
+        self._bm_rewards_per_func = None
+        out = super()._generate_and_score_completions(inputs)
+        rows = len(out["advantages"])
+        if rows != len(ids):
+            raise TaskError(f"the generation batch has {rows} completions but {len(ids)} task labels")
+        device = out["advantages"].device
+        out[TASK_IDS_KEY] = torch.tensor(ids, dtype=torch.long, device=device)
+        rpf = self._bm_rewards_per_func
+        if rpf is not None:
+            weights = self.reward_weights.to(rpf.device, rpf.dtype).unsqueeze(0)
+            rewards = (rpf * weights).nansum(dim=1)
+            rewards[torch.isnan(rpf).all(dim=1)] = float("nan")
+            start = self.accelerator.process_index * rows
+            out[TASK_REWARDS_KEY] = rewards[start : start + rows].to(device)
+        else:
+            out[TASK_REWARDS_KEY] = torch.full((rows,), float("nan"), device=device)
+        self._bm_rewards_per_func = None
+        return out
+
+    # ------------------------------------------------------------------ ordering the generation batch
+    def _prepare_inputs(self, generation_batch: Any) -> Any:
+        before = getattr(self, "_buffered_inputs", None)
+        inputs = super()._prepare_inputs(generation_batch)
+        buffered = getattr(self, "_buffered_inputs", None)
+        if (
+            self.model.training
+            and self._bm_reorder_reason is None
+            and buffered is not None
+            and buffered is not before
+            and not any(b.get(k) is not None for b in buffered for k in _MULTIMODAL_KEYS)
+        ):
+            self._buffered_inputs = self._bm_order_by_task(buffered)
+            inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]
+        return inputs
+
+    def _bm_order_by_task(self, micro_batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Stable re-order of the rows of each optimizer step's window of micro-batches by task.
+
+        TRL shuffles the generation batch so that, when one generation feeds several optimizer
+        steps, each step trains on a random subset of it. The set of rows of each optimizer step
+        is kept; only the grouping of those rows into the step's micro-batches changes (rows of a
+        task in shuffled order, tasks in index order), which leaves the step's gradient unchanged
+        for the loss types in :data:`REORDER_SAFE_LOSS_TYPES`.
+        """
+        spg, ga = len(micro_batches), self.args.gradient_accumulation_steps
+        window = ga if spg % ga == 0 else spg
+        out: list[dict[str, Any]] = []
+        for start in range(0, spg, window):
+            group = micro_batches[start : start + window]
+            merged = _cat_rows(group)
+            order = torch.argsort(merged[TASK_IDS_KEY].cpu(), stable=True)
+            out.extend(_split_rows(_take_rows(merged, order), len(group)))
+        return out
+
+    # ------------------------------------------------------------------ loss and backward
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            self._bm_stack = stack
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._bm_stack = None
+        self._bm_step_time += time.perf_counter() - t0
+        self._bm_step_loss += float(loss.detach().float().mean())
+        self._bm_microbatches += 1
+        return loss
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        stack = self._bm_stack
+        if stack is None or not self.model.training or not torch.is_grad_enabled():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if TASK_IDS_KEY not in inputs:
+            raise MissingTaskLabelError(
+                f"the training inputs carry no {TASK_IDS_KEY!r} tensor; a _generate_and_score_completions override "
+                "must call super() (BalancedGRPOMixin adds the task labels there)"
+            )
+        task_ids = inputs[TASK_IDS_KEY]
+        self._bm_accumulate(inputs)
+        present = torch.unique(task_ids).tolist()
+        opt = self._bm_opt()
+        if len(present) == 1:
+            stack.enter_context(opt.task(self.task_registry.name(int(present[0]))))
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return self._bm_split_backward(model, inputs, opt, stack)
+
+    def _bm_opt(self) -> BalancedOptimizer:
+        if self.balanced_optimizer is None:
+            raise RuntimeError("BalancedGRPOTrainer has no BalancedOptimizer yet: it is built by create_optimizer() in train()")
+        return self.balanced_optimizer
+
+    def _bm_split_backward(self, model: Any, inputs: dict[str, Any], opt: BalancedOptimizer, stack: contextlib.ExitStack) -> torch.Tensor:
+        """Loss of a mixed micro-batch with one backward per task sub-batch (see the module doc).
+
+        Returns a tensor whose value is the unsplit micro-batch loss and whose backward (run by
+        the Trainer, under the last task's ``opt.task``) is the last task's share.
+        """
+        mm = [k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None]
+        if mm:
+            raise NotImplementedError(
+                f"a micro-batch mixing tasks with multimodal inputs {mm} cannot be split by task; "
+                "make micro-batches single-task (one task per generation batch with MixtureSampler)"
+            )
+        if getattr(self, "aux_loss_enabled", False):
+            raise NotImplementedError(
+                "a micro-batch mixing tasks cannot be split by task with the MoE router aux loss (a batch-level "
+                "term); set router_aux_loss_coef=0 or make micro-batches single-task"
+            )
+        task_ids = inputs[TASK_IDS_KEY]
+        order = torch.argsort(task_ids.cpu(), stable=True)
+        if not torch.equal(order, torch.arange(len(order))):
+            inputs = _take_rows(inputs, order)
+            task_ids = inputs[TASK_IDS_KEY]
+        counts = torch.bincount(task_ids.cpu(), minlength=len(self.task_registry)).tolist()
+        segments, start = [], 0
+        for t, n in enumerate(counts):
+            if n:
+                segments.append((self.task_registry.name(t), start, start + n))
+                start += n
+        self._bm_segments = segments
+        self._bm_segment_outputs = []
+        try:
+            loss = super().compute_loss(model, inputs)
+        finally:
+            self._bm_segments = None
+        outputs, self._bm_segment_outputs = self._bm_segment_outputs, []
+        if len(outputs) != len(segments):
+            raise RuntimeError("the policy forward of _compute_loss was not intercepted; cannot split the micro-batch by task")
+        self._bm_split_count += 1
+        leaves: list[torch.Tensor] = []
+        for _, logps, ent in outputs:
+            leaves.append(logps)
+            if ent is not None and ent.requires_grad:
+                leaves.append(ent)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        seeds = dict(zip(map(id, leaves), grads))
+
+        def surrogate(logps: torch.Tensor, ent: torch.Tensor | None) -> torch.Tensor:
+            total = logps.new_zeros(())
+            for x in (logps, ent):
+                g = seeds.get(id(x)) if x is not None else None
+                if g is not None:
+                    total = total + (x * g).sum()
+            return total
+
+        for name, logps, ent in outputs[:-1]:
+            part = surrogate(logps, ent)
+            if part.requires_grad:
+                with self.accelerator.no_sync(model), opt.task(name):
+                    self.accelerator.backward(part)
+        name, logps, ent = outputs[-1]
+        stack.enter_context(opt.task(name))
+        last = surrogate(logps, ent)
+        return loss.detach() + (last - last.detach())
+
+    def _get_per_token_logps_and_entropies(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, *args: Any, **kwargs: Any) -> Any:
+        segments = self._bm_segments
+        if segments is None:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        self._bm_segments = None  # only the policy forward of this _compute_loss call is split
+        if args:
+            raise RuntimeError("unexpected positional arguments to _get_per_token_logps_and_entropies while splitting by task")
+        if any(kwargs.get(k) is not None for k in _MULTIMODAL_KEYS):
+            raise NotImplementedError("cannot split a multimodal micro-batch by task")
+        compute_entropy = kwargs.get("compute_entropy", False)
+        kwargs = dict(kwargs, compute_aux_loss=False)
+        logps_parts, ent_parts = [], []
+        for name, a, b in segments:
+            logps, ent, _ = super()._get_per_token_logps_and_entropies(
+                model, input_ids[a:b], attention_mask[a:b], logits_to_keep, **kwargs
+            )
+            self._bm_segment_outputs.append((name, logps, ent))
+            logps_parts.append(logps)
+            ent_parts.append(ent)
+        entropies = torch.cat(ent_parts, dim=0) if compute_entropy else None
+        return torch.cat(logps_parts, dim=0), entropies, None
+
+    # ------------------------------------------------------------------ metrics
+    def _bm_reset_step(self) -> None:
+        self._bm_step_time = 0.0
+        self._bm_step_loss = 0.0
+        self._bm_microbatches = 0
+        self._bm_split_count = 0
+        if hasattr(self, "_bm_stats"):
+            self._bm_stats.zero_()
+
+    @torch.no_grad()
+    def _bm_accumulate(self, inputs: Mapping[str, Any]) -> None:
+        tid = inputs[TASK_IDS_KEY].detach().cpu()
+        rows = len(tid)
+        rewards = inputs.get(TASK_REWARDS_KEY)
+        rewards = rewards.detach().double().cpu() if rewards is not None else torch.full((rows,), float("nan"), dtype=torch.float64)
+        valid = ~torch.isnan(rewards)
+        r0 = torch.where(valid, rewards, torch.zeros_like(rewards))
+        adv = inputs["advantages"].detach().double().cpu()
+        mask = inputs["completion_mask"].detach().double().cpu()
+        if adv.dim() == 2:  # token-level advantages: the row's masked mean
+            adv = (adv * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        cols = torch.stack([torch.ones(rows, dtype=torch.float64), valid.double(), r0, r0 * r0, adv, adv.abs(), mask.sum(1)], dim=1)
+        self._bm_stats.index_add_(0, tid, cols)
+
+    def _bm_task_metrics(self) -> dict[str, float]:
+        stats = self._bm_stats
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum").cpu()
+        out: dict[str, float] = {}
+        nan = float("nan")
+        for t, name in enumerate(self.task_registry.names):
+            n, nr = float(stats[t, _N]), float(stats[t, _NR])
+            out[f"num_samples/{name}"] = n
+            if n == 0:
+                continue
+            mean = float(stats[t, _RSUM]) / nr if nr else nan
+            var = float(stats[t, _RSQ]) / nr - mean * mean if nr else nan
+            out[f"reward/{name}/mean"] = mean
+            out[f"reward/{name}/std"] = math.sqrt(max(var, 0.0)) if nr else nan
+            out[f"advantage/{name}/mean"] = float(stats[t, _ASUM]) / n
+            out[f"advantage/{name}/abs_mean"] = float(stats[t, _AABS]) / n
+            out[f"completion_length/{name}/mean"] = float(stats[t, _LSUM]) / n
+        return out
+
+    def _bm_on_optimizer_step(self, diagnostics: dict[str, float]) -> None:
+        """``BalancedOptimizer.on_step``: push the step's figures into the trainer's metrics and the JSONL."""
+        metrics = {k: v for k, v in diagnostics.items() if k != "step"}
+        metrics.update(self._bm_task_metrics())
+        sink = self._metrics["train"]
+        for key, value in metrics.items():
+            sink[key].append(float(value))
+        sink["split_microbatches"].append(float(self._bm_split_count))
+        loss = self._bm_step_loss
+        if self.accelerator.num_processes > 1:
+            loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.accelerator.device), reduction="mean"))
+        record = dict(metrics)
+        record.update(
+            {
+                "loss": loss,
+                "step_time": self._bm_step_time,
+                "learning_rate": float(self._bm_opt().param_groups[0]["lr"]),
+                "microbatches": float(self._bm_microbatches),
+                "split_microbatches": float(self._bm_split_count),
+                "optimizer_step": float(diagnostics.get("step", float("nan"))),
+            }
+        )
+        step = self.state.global_step + 1
+        record["global_step"] = float(step)
+        self.last_balanced_metrics = record
+        if self.balanced.write_jsonl:
+            self._bm_log(record, step)
+        self._bm_reset_step()
+
+    def _bm_log(self, record: Mapping[str, float], step: int) -> None:
+        if self._bm_jsonl is None:
+            log_dir = self.balanced.log_dir or self.args.output_dir
+            self._bm_jsonl = JSONLLogger(
+                os.path.join(log_dir, METRICS_FILENAME), overwrite=True, main_process=self.accelerator.is_main_process
+            )
+        self._bm_jsonl.log(record, step=step)
+
+    @property
+    def metrics_path(self) -> str:
+        """Path of this run's JSONL metrics file (``<log_dir>/metrics.jsonl``)."""
+        return os.path.join(self.balanced.log_dir or self.args.output_dir, METRICS_FILENAME)
+
+    def _bm_after_step(self) -> None:
+        """After every optimizer step: drop captured gradients of a step the optimizer skipped."""
+        opt = self.balanced_optimizer
+        if opt is not None and opt.buffers.used:
+            logger.warning("optimizer step %d was skipped (AMP overflow?); dropping its captured task gradients", self.state.global_step)
+            opt.zero_grad()
+            self._bm_reset_step()
+
+    def _bm_close_log(self) -> None:
+        if self._bm_jsonl is not None:
+            self._bm_jsonl.close()
+            self._bm_jsonl = None
+
+
+class BalancedGRPOTrainer(BalancedGRPOMixin, GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with balancedmix: per-task gradient diagnostics, corrections and mixtures.
+
+    Takes every ``GRPOTrainer`` argument unchanged, plus ``balanced=BalancedConfig(...)`` (or
+    its fields as keywords) and ``optimizer_cls_and_kwargs``. See :class:`BalancedGRPOMixin`.
+    """
