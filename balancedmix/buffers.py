@@ -46,6 +46,7 @@ class FlatBuffers:
         self._views: list[list[torch.Tensor]] = []
         self._written: list[list[bool]] = []
         self.used: set[int] = set()  # rows written in the current step
+        self.dirty: set[int] = set()  # rows that may hold non-zero data (written in this or an earlier step)
 
     # ---------------------------------------------------------------- rows
     def row(self, key: RowKey) -> int:
@@ -115,11 +116,24 @@ class FlatBuffers:
         """Start a new step: every row counts as empty (data is overwritten on first write)."""
         for r in self.used:
             self._written[r] = [False] * len(self.params)
+        self.dirty |= self.used
         self.used = set()
 
     def zero_rows(self, rows: Sequence[int]) -> None:
         for r in rows:
             self.data[r].zero_()
+        self.dirty.difference_update(rows)
+
+    def zero_unused(self) -> None:
+        """Zero every row not used in the current step that may still hold data (fixed-shape collectives)."""
+        self.zero_rows(sorted(self.dirty - self.used))
+
+    def mark_complete(self, rows: Sequence[int]) -> None:
+        """The data of ``rows`` was filled from outside (a collective): count them as fully written, used this step."""
+        for r in rows:
+            self._written[r] = [True] * len(self.params)
+        self.used = set(rows)
+        self.dirty |= self.used
 
     def slice(self, param_index: int) -> slice:
         return slice(self.offsets[param_index], self.offsets[param_index + 1])

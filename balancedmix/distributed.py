@@ -1,0 +1,519 @@
+"""Everything in balancedmix that talks to ``torch.distributed``.
+
+:class:`~balancedmix.optimizer.BalancedOptimizer` picks one of three strategies when it is built
+(:func:`detect`):
+
+``single`` (:class:`SingleProcess`)
+    No process group, or a world of one process: no collective at all.
+
+``ddp`` (:class:`DDPSync`)
+    Data parallel with replicated parameters (``DistributedDataParallel``, accelerate's
+    ``MULTI_CPU``/``MULTI_GPU``). The optimizer's gradient hooks run before DDP's reducer, so the
+    task buffers hold this rank's *local* gradients. At the step every rank runs exactly two
+    collectives, whatever tasks it saw:
+
+    1. a small float64 all-reduce of fixed length (error flags, per-row used flags and
+       micro-batch counts, per-parameter "has a gradient" flags, a fingerprint of ``p.grad`` per
+       rank, a per-rank flag "``p.grad`` is my local total");
+    2. the all-reduce of the whole ``[R, P]`` float32 buffer (``R`` = every declared task, ×2 with
+       the split estimator, + one row for untagged gradients, in registry order; rows a rank did
+       not use are zeros), then a division by the world size, matching DDP's mean.
+
+    ``p.grad`` is then either already DDP's mean of the local totals (``sync="ddp"``: DDP synced
+    the last micro-step, as accelerate's ``accumulate()`` does) or only this rank's local total
+    (``sync="buffers"``: every micro-step ran under ``no_sync``); ``sync="auto"`` tells the two
+    apart from the fingerprints (identical ``p.grad`` on every rank means DDP synced it). In the
+    ``buffers`` case the global total is written into ``p.grad`` from the reduced buffers.
+
+``fsdp2`` (:class:`FSDP2Sync`)
+    ``torch.distributed.fsdp.fully_shard``: parameters and gradients are ``DTensor`` shards, and
+    gradients reach ``p.grad`` through FSDP's reduce-scatter, not through autograd hooks on the
+    sharded parameters. Every ``opt.task()`` block snapshots the local gradient shards on entry
+    and adds the difference on exit (FSDP must sync every micro-step, and every rank must run the
+    same task at the same micro-step, since the reduce-scatter mixes the ranks). The Gram matrix,
+    the dot products with ``p.grad`` and ``||p.grad||²`` are sums of local shard products: one
+    float64 all-reduce of ``R² + R + …`` scalars. The combination is applied locally. No full
+    gradient is ever gathered.
+
+DeepSpeed ZeRO is not supported; :func:`detect` raises :class:`UnsupportedDistributedError`.
+
+Rules every collective here follows: its number, order, dtype and shape depend only on static
+configuration (declared tasks, estimator, parameters, world size), never on the data; and every
+error that depends on one rank's data is first agreed with an all-reduce, then raised on every
+rank with the same message, so a faulty rank never leaves the others waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .tasks import TaskError, UnknownTaskError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .buffers import FlatBuffers
+
+__all__ = [
+    "UnsupportedDistributedError",
+    "DistributedStateError",
+    "SyncStrategy",
+    "SingleProcess",
+    "DDPSync",
+    "FSDP2Sync",
+    "detect",
+    "canonical_row_keys",
+    "SYNC_MODES",
+]
+
+logger = logging.getLogger(__name__)
+
+UNTAGGED_KEY = ("untagged",)
+SYNC_MODES = ("auto", "ddp", "buffers")
+_FP64 = torch.float64
+
+
+class UnsupportedDistributedError(RuntimeError):
+    """A distributed setup balancedmix does not handle (DeepSpeed ZeRO, tensor parallel DTensors)."""
+
+
+class DistributedStateError(RuntimeError):
+    """Ranks disagree about something that must be identical (task schedule under FSDP2, ``p.grad`` state).
+
+    Raised on every rank with the same message.
+    """
+
+
+def _dist_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _deepspeed_reason(params: Sequence[torch.Tensor], optimizer: Any) -> str | None:
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() in ("1", "true", "yes"):
+        return "ACCELERATE_USE_DEEPSPEED is set (accelerate will hand the optimizer to DeepSpeed)"
+    if any(hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in params):
+        return "parameters carry DeepSpeed ZeRO-3 attributes (ds_id)"
+    if type(optimizer).__module__.split(".")[0] == "deepspeed":
+        return f"the optimizer is a DeepSpeed optimizer ({type(optimizer).__name__})"
+    return None
+
+
+def canonical_row_keys(num_tasks: int, estimator: str) -> list[tuple]:
+    """Buffer row keys in the fixed order every rank uses: each task (×2 halves with ``split``), then untagged."""
+    halves = (0, 1) if estimator == "split" else (0,)
+    return [("task", t, h) for t in range(num_tasks) for h in halves] + [UNTAGGED_KEY]
+
+
+def detect(params: Sequence[torch.Tensor], optimizer: Any, sync: str = "auto") -> SyncStrategy:
+    """Pick the strategy for ``params`` in the current process group.
+
+    Raises:
+        UnsupportedDistributedError: DeepSpeed, or DTensor parameters that are not FSDP2 ``Shard(0)``
+            shards (tensor parallel), or a mix of DTensor and plain parameters.
+        ValueError: an unknown ``sync`` mode.
+    """
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+    reason = _deepspeed_reason(params, optimizer)
+    if reason is not None:
+        raise UnsupportedDistributedError(
+            f"DeepSpeed is not supported by balancedmix yet: {reason}. Use DDP (accelerate MULTI_GPU / "
+            "MULTI_CPU) or FSDP2 (fully_shard / accelerate fsdp_version=2) instead."
+        )
+    dts = [_is_dtensor(p) for p in params]
+    rank, world = _dist_world()
+    if any(dts):
+        if not all(dts):
+            raise UnsupportedDistributedError(
+                "some parameters are DTensors and some are plain tensors; shard the whole model with fully_shard "
+                "(or pass only the sharded parameters to the optimizer)"
+            )
+        from torch.distributed.tensor import Shard
+
+        for i, p in enumerate(params):
+            placements = tuple(p.placements)  # type: ignore[attr-defined]
+            if p.device_mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in placements):  # type: ignore[attr-defined]
+                raise UnsupportedDistributedError(
+                    f"parameter {i} is a DTensor with placements {placements} on a {p.device_mesh.ndim}-d mesh; "  # type: ignore[attr-defined]
+                    "balancedmix supports FSDP2 sharding (Shard on a 1-d mesh) only, not tensor parallelism or HSDP"
+                )
+        return FSDP2Sync(rank, world, params[0].device_mesh.get_group())  # type: ignore[attr-defined]
+    if world > 1:
+        return DDPSync(rank, world, sync)
+    return SingleProcess()
+
+
+@dataclass
+class SyncResult:
+    """What :meth:`SyncStrategy.synchronize` hands back to the optimizer."""
+
+    rows: list[int]
+    """Buffer rows used by any rank this step, sorted."""
+    task_counts: dict[int, int]
+    """Micro-batches per task index, summed over ranks."""
+    row_counts: dict[int, int]
+    """Micro-batches per buffer row (split-estimator halves), summed over ranks."""
+    comm_bytes: int = 0
+    """Bytes this rank handed to balancedmix's collectives this step (payload, not wire bytes)."""
+    mode: str = "single"
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class SyncStrategy:
+    """Interface: how the optimizer captures, reduces and writes gradients in one setting."""
+
+    kind = "single"
+    rank = 0
+    world_size = 1
+    #: the optimizer registers autograd hooks on the parameters (False: FSDP2 p.grad diffs)
+    uses_hooks = True
+    #: task-label errors are deferred to step() and raised collectively
+    defers_task_errors = False
+    #: bytes of the last partial-dot-product all-reduce (FSDP2)
+    stats_bytes = 0
+    #: how the last step was synchronised: "single", "ddp", "buffers" or "fsdp2"
+    last_mode = "single"
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """The rank-local plain tensor behind a parameter or gradient (identity outside FSDP2)."""
+        return t
+
+    def setup(self, buffers: FlatBuffers, num_tasks: int, declared: bool, estimator: str) -> None:
+        """Called once the buffers exist (fixes the row layout where needed)."""
+
+    def half(self, count: int) -> int:
+        """Split-estimator half for this rank's ``count``-th micro-batch of a task."""
+        return count % 2
+
+    def record_error(self, exc: Exception) -> None:  # pragma: no cover - only for deferring strategies
+        raise exc
+
+    def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
+        """Turn rank-local partial dot products into global ones, in place (FSDP2 only)."""
+
+    def enter_task(self, params: Sequence[torch.Tensor]) -> None:
+        """Called on entering an ``opt.task()`` block."""
+
+    def exit_task(self, params: Sequence[torch.Tensor], buffers: FlatBuffers, row: int | None) -> None:
+        """Called on leaving an ``opt.task()`` block (``row`` None: discard)."""
+
+    def synchronize(
+        self,
+        params: Sequence[torch.Tensor],
+        buffers: FlatBuffers,
+        rows: list[int],
+        task_counts: dict[int, int],
+        row_counts: dict[int, int],
+        mismatch_tol: float,
+    ) -> SyncResult:
+        """Agree on the step across ranks; afterwards the buffers hold the global per-task gradients."""
+        return SyncResult(rows, dict(task_counts), dict(row_counts), 0, self.kind)
+
+
+class SingleProcess(SyncStrategy):
+    """One process: nothing to communicate."""
+
+
+class _Collective(SyncStrategy):
+    """Shared machinery of the multi-process strategies: deferred errors, fixed layout, meta vector."""
+
+    defers_task_errors = True
+
+    def __init__(self, rank: int, world_size: int, group: Any = None) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.group = group
+        self._errors: list[tuple[str, str]] = []  # (exception class name, message) on this rank
+        self._keys: list[tuple] = []
+        self._row_index: dict[tuple, int] = {}
+
+    def setup(self, buffers: FlatBuffers, num_tasks: int, declared: bool, estimator: str) -> None:
+        if not declared:
+            raise TaskError(
+                f"a distributed run ({self.kind}, {self.world_size} processes) needs the task list declared up "
+                "front, identical on every rank: BalancedOptimizer(..., tasks=['math', 'code', ...])"
+            )
+        if buffers.keys:
+            raise RuntimeError("the task buffers were allocated before the distributed layout was fixed")
+        self._keys = canonical_row_keys(num_tasks, estimator)
+        buffers.reserve(self._keys)
+        self._row_index = {k: buffers.index(k) for k in self._keys}
+        if [buffers.index(k) for k in self._keys] != list(range(len(self._keys))):
+            raise RuntimeError("buffer rows are not in the canonical order")  # pragma: no cover
+
+    def half(self, count: int) -> int:
+        # alternate the halves across ranks too, so a task seen once on each of two ranks still
+        # gets one micro-batch in each half
+        return (count + self.rank) % 2
+
+    def record_error(self, exc: Exception) -> None:
+        self._errors.append((type(exc).__name__, str(exc)))
+        logger.debug("rank %d: deferred %s until step(): %s", self.rank, type(exc).__name__, exc)
+
+    def _all_reduce(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, group=self.group)
+
+    def _raise_collective_errors(self, n_errors: float) -> None:
+        """All ranks call this with the same reduced count; if it is > 0 every rank raises the same error."""
+        if n_errors <= 0:
+            return
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, self._errors, group=self.group)
+        self._errors = []
+        lines = []
+        kinds = []
+        for r, errs in enumerate(gathered):
+            for cls_name, msg in errs or []:
+                lines.append(f"rank {r}: {msg}")
+                kinds.append(cls_name)
+        message = "task label error on " + ("1 rank" if len({ln.split(':')[0] for ln in lines}) == 1 else "several ranks") + \
+            " (raised on every rank; the step was not taken): " + "; ".join(lines)
+        if kinds and all(k == "UnknownTaskError" for k in kinds):
+            raise UnknownTaskError(message)
+        raise TaskError(message)
+
+    def _meta_header(self, buffers: FlatBuffers, rows: list[int], row_counts: dict[int, int]) -> list[torch.Tensor]:
+        n_rows = len(self._keys)
+        used = torch.zeros(n_rows, dtype=_FP64)
+        counts = torch.zeros(n_rows, dtype=_FP64)
+        for r in rows:
+            used[r] = 1.0
+        for r, c in row_counts.items():
+            counts[r] = float(c)
+        return [torch.tensor([float(len(self._errors))], dtype=_FP64), used, counts]
+
+    def _unpack_counts(self, used: torch.Tensor, counts: torch.Tensor) -> tuple[list[int], dict[int, int], dict[int, int]]:
+        rows = [r for r in range(len(self._keys)) if used[r] > 0]
+        row_counts = {r: int(round(float(counts[r]))) for r in range(len(self._keys)) if counts[r] > 0}
+        task_counts: dict[int, int] = {}
+        for r, c in row_counts.items():
+            key = self._keys[r]
+            if key[0] == "task":
+                task_counts[key[1]] = task_counts.get(key[1], 0) + c
+        return rows, task_counts, row_counts
+
+    def clear(self) -> None:
+        """Drop deferred errors (zero_grad between steps keeps them: they are raised at step())."""
+        self._errors = []
+
+
+class DDPSync(_Collective):
+    """Replicated parameters (DDP): local task buffers, one fused all-reduce at the step.
+
+    Args:
+        sync: ``"ddp"`` — ``p.grad`` was synced by DDP (mean over ranks of the local totals);
+            ``"buffers"`` — every micro-step ran under ``no_sync``, ``p.grad`` holds this rank's
+            total and is rebuilt from the reduced buffers; ``"auto"`` — decided each step from
+            a fingerprint of ``p.grad`` on every rank.
+    """
+
+    kind = "ddp"
+
+    def __init__(self, rank: int, world_size: int, sync: str = "auto") -> None:
+        super().__init__(rank, world_size)
+        self.sync = sync
+
+    def synchronize(
+        self,
+        params: Sequence[torch.Tensor],
+        buffers: FlatBuffers,
+        rows: list[int],
+        task_counts: dict[int, int],
+        row_counts: dict[int, int],
+        mismatch_tol: float,
+    ) -> SyncResult:
+        world = self.world_size
+        data = buffers.data
+        # ---- local facts about p.grad
+        has_grad = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], dtype=_FP64)
+        fingerprint = torch.zeros(2 * world, dtype=_FP64)
+        local_flag = torch.zeros(1, dtype=_FP64)  # 1: p.grad is NOT this rank's local total
+        gsum = torch.zeros((), dtype=_FP64)
+        gsq = torch.zeros((), dtype=_FP64)
+        dot = torch.zeros((), dtype=_FP64)
+        lsq = torch.zeros((), dtype=_FP64)
+        check_local = self.sync in ("auto", "buffers")
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            g = p.grad.detach().reshape(-1)
+            g64 = g.to(_FP64)
+            gsum += g64.sum()
+            gsq += g64.dot(g64)
+            if check_local and rows:
+                loc = data[rows, buffers.slice(i)].sum(0).to(_FP64)
+                dot += loc.dot(g64)
+                lsq += loc.dot(loc)
+        if check_local:
+            gsq_f, dot_f, lsq_f = float(gsq), float(dot), float(lsq)
+            if lsq_f > 0 and gsq_f > 0:
+                cos2 = dot_f * dot_f / (lsq_f * gsq_f)
+                scale = dot_f / lsq_f
+                if 1.0 - cos2 > mismatch_tol or abs(scale - 1.0) > 1e-2:
+                    local_flag[0] = 1.0
+            elif lsq_f > 0 or gsq_f > 0:
+                local_flag[0] = 1.0
+        fingerprint[2 * self.rank] = gsum
+        fingerprint[2 * self.rank + 1] = gsq
+        header = self._meta_header(buffers, rows, row_counts)
+        meta = torch.cat(header + [has_grad, fingerprint, local_flag])
+        self._all_reduce(meta)
+        n_rows = len(self._keys)
+        n_params = len(params)
+        self._raise_collective_errors(float(meta[0]))
+        used_g = meta[1 : 1 + n_rows]
+        counts_g = meta[1 + n_rows : 1 + 2 * n_rows]
+        o = 1 + 2 * n_rows
+        has_grad_g = meta[o : o + n_params] > 0
+        o += n_params
+        fps = meta[o : o + 2 * world].view(world, 2)
+        any_not_local = float(meta[o + 2 * world]) > 0
+
+        identical = bool(torch.allclose(fps, fps[:1].expand_as(fps), rtol=1e-9, atol=1e-30))
+        if self.sync == "auto":
+            mode = "ddp" if identical else "buffers"
+        else:
+            mode = self.sync
+        if mode == "ddp" and not identical:
+            raise DistributedStateError(
+                "sync='ddp' but p.grad differs across ranks at step(): DDP did not all-reduce the gradients "
+                "(every micro-step ran under no_sync?). Use sync='buffers' or sync='auto'. Parameters were not updated."
+            )
+        if mode == "buffers" and any_not_local:
+            raise DistributedStateError(
+                "p.grad is not this rank's local sum of the captured gradients on at least one rank (sync='buffers' "
+                f"mode{' detected' if self.sync == 'auto' else ''}): p.grad was changed before opt.synchronize() — "
+                "clip gradients after calling opt.synchronize() (or let step() do it), never on the local gradients. "
+                "Parameters were not updated."
+            )
+
+        # ---- the fused buffer all-reduce (fixed shape [R, P]): zero the rows this rank did not fill
+        buffers.zero_unused()
+        self._all_reduce(data)
+        data.div_(world)
+        grows, gtask_counts, grow_counts = self._unpack_counts(used_g, counts_g)
+        buffers.mark_complete(grows)
+
+        if mode == "buffers":
+            for i, p in enumerate(params):
+                if not bool(has_grad_g[i]):
+                    continue
+                total = data[grows, buffers.slice(i)].sum(0) if grows else torch.zeros(p.numel(), dtype=data.dtype)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.copy_(total.view_as(p.grad))
+        comm = meta.numel() * meta.element_size() + data.numel() * data.element_size()
+        self.last_mode = mode
+        return SyncResult(grows, gtask_counts, grow_counts, comm, mode)
+
+
+class FSDP2Sync(_Collective):
+    """FSDP2 (``fully_shard``): per-task buffers of the local gradient shards, Gram by one all-reduce."""
+
+    kind = "fsdp2"
+    uses_hooks = False
+
+    def __init__(self, rank: int, world_size: int, group: Any = None) -> None:
+        super().__init__(rank, world_size, group)
+        self._snapshot: list[torch.Tensor | None] | None = None
+        self._schedule_hash = 0
+        self._schedule_len = 0
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if _is_dtensor(t) else t
+
+    def half(self, count: int) -> int:
+        return count % 2  # identical schedule on every rank: the same micro-batch, the same half
+
+    def enter_task(self, params: Sequence[torch.Tensor]) -> None:
+        self._snapshot = [None if p.grad is None else self.local(p.grad).detach().clone() for p in params]
+
+    def exit_task(self, params: Sequence[torch.Tensor], buffers: FlatBuffers, row: int | None) -> None:
+        snap = self._snapshot
+        self._snapshot = None
+        # schedule fingerprint: a polynomial hash of the rows, identical across ranks when schedules match
+        code = (row + 2) if row is not None else 1
+        self._schedule_hash = (self._schedule_hash * 131 + code) % 1_000_003
+        self._schedule_len += 1
+        if row is None or snap is None:
+            return
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            cur = self.local(p.grad).detach()
+            before = snap[i]
+            buffers.add(row, i, cur if before is None else cur - before)
+
+    def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
+        n = row_gram.shape[0]
+        packed = torch.cat([row_gram.reshape(-1).to(_FP64).cpu(), grad_dots.to(_FP64).cpu(), grad_sq.reshape(1).to(_FP64).cpu()])
+        self._all_reduce(packed)
+        row_gram.copy_(packed[: n * n].view(n, n))
+        grad_dots.copy_(packed[n * n : n * n + n])
+        grad_sq.copy_(packed[-1])
+        self.stats_bytes = packed.numel() * packed.element_size()
+
+    def synchronize(
+        self,
+        params: Sequence[torch.Tensor],
+        buffers: FlatBuffers,
+        rows: list[int],
+        task_counts: dict[int, int],
+        row_counts: dict[int, int],
+        mismatch_tol: float,
+    ) -> SyncResult:
+        world = self.world_size
+        header = self._meta_header(buffers, rows, row_counts)
+        sched = torch.tensor(
+            [float(self._schedule_hash), float(self._schedule_hash) ** 2, float(self._schedule_len), float(self._schedule_len) ** 2],
+            dtype=_FP64,
+        )
+        mem = torch.zeros(world, dtype=_FP64)
+        mem[self.rank] = float(buffers.nbytes)
+        meta = torch.cat(header + [sched, mem])
+        self._all_reduce(meta)
+        self._schedule_hash = 0
+        self._schedule_len = 0
+        self._raise_collective_errors(float(meta[0]))
+        n_rows = len(self._keys)
+        used_g = meta[1 : 1 + n_rows]
+        counts_g = meta[1 + n_rows : 1 + 2 * n_rows]
+        o = 1 + 2 * n_rows
+        h, h2, ln, ln2 = (float(x) for x in meta[o : o + 4])
+        if not (math.isclose(h * h, world * h2, rel_tol=1e-12, abs_tol=0.5) and math.isclose(ln * ln, world * ln2, rel_tol=1e-12, abs_tol=0.5)):
+            raise DistributedStateError(
+                "under FSDP2 every rank must run the same task blocks in the same order (the reduce-scatter after each "
+                "micro-step averages the ranks, so a micro-step is attributable only if all ranks ran the same task); "
+                "the ranks' task schedules differ this step. Use a sampler with a shared task schedule "
+                "(MixtureSampler). Parameters were not updated."
+            )
+        mem_g = meta[o + 4 : o + 4 + world]
+        grows, gtask_counts, grow_counts = self._unpack_counts(used_g, counts_g)
+        # rows used on another rank only (an empty local shard) must enter the local products as zeros
+        buffers.zero_unused()
+        buffers.mark_complete(grows)
+        comm = meta.numel() * meta.element_size()
+        self.last_mode = "fsdp2"
+        return SyncResult(grows, gtask_counts, grow_counts, comm, "fsdp2", {"buffer_bytes_max": float(mem_g.max())})
