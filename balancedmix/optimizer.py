@@ -34,14 +34,17 @@ import torch
 
 from . import stats
 from .buffers import FlatBuffers
+from .distributed import SyncResult, SyncStrategy
+from .distributed import detect as detect_distributed
 from .methods import MethodContext, MethodSpec, check_coefficients, make_method
-from .tasks import TaskKey, TaskRegistry, resolve_task
+from .tasks import TaskError, TaskKey, TaskRegistry, resolve_task
 
 __all__ = ["BalancedOptimizer", "NonFiniteGradientError", "GradientMismatchError"]
 
 logger = logging.getLogger(__name__)
 
 _UNTAGGED = ("untagged",)
+_DISCARD = -1
 UNTAGGED = "untagged"
 
 
@@ -81,6 +84,13 @@ class BalancedOptimizer(torch.optim.Optimizer):
             :class:`GradientMismatchError` (p.grad changed by something other than a uniform
             rescale, or stale buffers).
         on_step: optional callback receiving :meth:`diagnostics` after every step.
+        sync: multi-process DDP only (see ``docs/distributed.md``) — ``"ddp"``: DDP all-reduced
+            ``p.grad`` (the last micro-step ran with sync on, as in accelerate's
+            ``accumulate()``); ``"buffers"``: every micro-step ran under ``no_sync``, so ``p.grad``
+            is local and is rebuilt from the all-reduced task buffers (cheaper: one collective);
+            ``"auto"`` (default): told apart at each step by comparing ``p.grad`` across ranks.
+            The setting (single process, DDP, FSDP2) is detected when the wrapper is built; a
+            multi-process run needs ``tasks`` declared.
         **method_options: passed to the registered method's factory.
     """
 
@@ -95,6 +105,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         nonfinite: str = "error",
         mismatch_tol: float = 1e-3,
         on_step: Callable[[dict[str, float]], None] | None = None,
+        sync: str = "auto",
         **method_options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -130,6 +141,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._diagnostics: dict[str, float] = {}
         self._hooks: list[Any] = []
         self._params: list[torch.Tensor] = []
+        self._row_counts: dict[int, int] = {}
+        self._synced: SyncResult | None = None
+        self._dist: SyncStrategy = detect_distributed(self._trainable(optimizer.param_groups), optimizer, sync)
         self._install(self._trainable(optimizer.param_groups))
 
     # ------------------------------------------------------------------ delegation
@@ -185,14 +199,18 @@ class BalancedOptimizer(torch.optim.Optimizer):
             seen.add(id(p))
             index = len(self._params)
             self._params.append(p)
-            self._hooks.append(p.register_hook(self._make_hook(index)))
-        self.buffers = FlatBuffers(self._params)
+            if self._dist.uses_hooks:
+                self._hooks.append(p.register_hook(self._make_hook(index)))
+        self.buffers = FlatBuffers([self._dist.local(p) for p in self._params])
+        self._dist.setup(self.buffers, len(self.registry), self.registry.declared, self.estimator)
 
     def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             row = self._active_row
             if row is None:
                 row = self.buffers.row(_UNTAGGED)
+            elif row == _DISCARD:
+                return  # a task block whose label failed (multi-process: raised collectively at step())
             self.buffers.add(row, index, grad)
 
         return hook
@@ -204,7 +222,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._hooks = []
 
     def _row_key(self, task_index: int, microbatch: int) -> tuple:
-        half = microbatch % 2 if self.estimator == "split" else 0
+        half = self._dist.half(microbatch) if self.estimator == "split" else 0
         return ("task", task_index, half)
 
     # ------------------------------------------------------------------ attribution
@@ -215,21 +233,37 @@ class BalancedOptimizer(torch.optim.Optimizer):
         ``batch_or_name`` is a task name or a batch (resolved with ``task_key``; a batch mixing
         tasks raises :class:`~balancedmix.tasks.MixedTaskBatchError` — use :meth:`backward`).
         Each block counts as one micro-batch of that task. Yields the task name.
+
+        In a multi-process run a label error (unknown task, mixed batch, missing key) is not
+        raised here, where it would leave the other ranks waiting in a collective: the block runs
+        with its gradient left out of the task buffers, and ``step()`` raises the error on every
+        rank, naming the rank(s) where it happened.
         """
         if self._in_context:
             raise RuntimeError("opt.task(...) blocks cannot be nested")
-        name = resolve_task(batch_or_name, self.task_key, self.registry)
-        index = self.registry.index(name)
-        count = self._microbatches.get(index, 0)
-        row = self.buffers.row(self._row_key(index, count))
-        self._microbatches[index] = count + 1
+        try:
+            name = resolve_task(batch_or_name, self.task_key, self.registry)
+            index = self.registry.index(name)
+        except TaskError as exc:
+            if not self._dist.defers_task_errors:
+                raise
+            self._dist.record_error(exc)
+            name = batch_or_name if isinstance(batch_or_name, str) else "<invalid task label>"
+            row = _DISCARD
+        else:
+            count = self._microbatches.get(index, 0)
+            row = self.buffers.row(self._row_key(index, count))
+            self._microbatches[index] = count + 1
+            self._row_counts[row] = self._row_counts.get(row, 0) + 1
         self._active_row = row
         self._in_context = True
+        self._dist.enter_task(self._params)
         try:
             yield name
         finally:
             self._active_row = None
             self._in_context = False
+            self._dist.exit_task(self._params, self.buffers, None if row == _DISCARD else row)
 
     def backward(self, losses: Mapping[str, torch.Tensor], retain_graph: bool | None = None) -> None:
         """Exact fallback for a loss that mixes tasks: ``losses = {task: that task's part}``.
@@ -255,6 +289,36 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def _reset(self) -> None:
         self.buffers.reset()
         self._microbatches = {}
+        self._row_counts = {}
+        self._synced = None
+
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        """Agree on this step across ranks and reduce the task buffers; ``step()`` calls it if you did not.
+
+        Multi-process only (a no-op otherwise). Call it after the last backward and before
+        clipping when micro-steps run under ``no_sync`` (``sync="buffers"``): it writes the global
+        gradient into ``p.grad``, so a clip then sees the same gradient on every rank. Every rank
+        must call it (it runs collectives). Raises, on every rank alike, the task label errors
+        deferred by :meth:`task` and :class:`~balancedmix.distributed.DistributedStateError`.
+        """
+        if self._synced is not None:
+            return
+        rows = self.buffers.finish()
+        try:
+            self._synced = self._dist.synchronize(
+                self._params, self.buffers, rows, self._microbatches, self._row_counts, self.mismatch_tol
+            )
+        except BaseException:
+            self._reset()
+            raise
+        self._microbatches = dict(self._synced.task_counts)
+        self._row_counts = dict(self._synced.row_counts)
+
+    @property
+    def distributed(self) -> SyncStrategy:
+        """The distributed strategy in use (``.kind`` is ``"single"``, ``"ddp"`` or ``"fsdp2"``)."""
+        return self._dist
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -285,7 +349,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def _prepare_step(self) -> bool:
         """Everything before the inner step. Returns whether to run the inner step."""
         buf = self.buffers
-        rows = buf.finish()
+        self.synchronize()
+        assert self._synced is not None
+        rows = self._synced.rows
         if not rows:
             self._diagnostics = {"step": float(self.num_steps), "buffer_bytes": float(buf.nbytes)}
             if any(p.grad is not None for p in self._params) and self.method_name != "sum":
@@ -303,9 +369,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(self._params):
             if p.grad is None:
                 continue
-            g = p.grad.reshape(-1).to(buf.dtype)
+            g = self._dist.local(p.grad).reshape(-1).to(buf.dtype)
             grad_dots += (data[:, buf.slice(i)] @ g).to(torch.float64)
             grad_sq += torch.dot(g, g).to(torch.float64)
+        self._dist.reduce_stats(row_gram, grad_dots, grad_sq)  # FSDP2: sums of local shard products
         row_gram = row_gram.cpu()
         grad_dots = grad_dots.cpu()
         grad_sq_f = float(grad_sq)
@@ -383,11 +450,12 @@ class BalancedOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(self._params):
             if p.grad is None:
                 continue
-            upd = (buf.data[:, buf.slice(i)].T @ w).view_as(p.grad)
+            grad = self._dist.local(p.grad)  # FSDP2: the local shard (shares p.grad's storage)
+            upd = (buf.data[:, buf.slice(i)].T @ w).view_as(grad)
             if rebuild:
-                p.grad.copy_(upd)
+                grad.copy_(upd)
             else:
-                p.grad.add_(upd)
+                grad.add_(upd)
 
     def _handle_nonfinite(
         self,
@@ -424,7 +492,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
         buf.zero_rows(bad_rows)
         n = len(buf.keys)
         data = buf.data
-        row_gram = (data @ data.T).to(torch.float64).cpu()
+        row_gram = (data @ data.T).to(torch.float64)
+        self._dist.reduce_stats(
+            row_gram, torch.zeros(n, dtype=torch.float64, device=data.device), torch.zeros((), dtype=torch.float64, device=data.device)
+        )
+        row_gram = row_gram.cpu()
         groups = [task_rows[t] for t in good_ids]
         if untagged_row is not None and UNTAGGED not in bad:
             groups.append([untagged_row])
@@ -497,7 +569,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 if len(members) != 2:
                     continue  # one micro-batch: no unbiased estimate
                 a, b = members
-                n_a, n_b = (m + 1) // 2, m // 2
+                n_a, n_b = self._row_counts.get(a, 0), self._row_counts.get(b, 0)
+                if n_a < 1 or n_b < 1:
+                    continue
                 dot_ab = float(row_gram[a, b])
                 est = stats.split_half_sqnorm(dot_ab, n_a, n_b)
                 trace = stats.split_half_noise_trace(float(row_gram[a, a]), float(row_gram[b, b]), dot_ab, n_a, n_b)
@@ -508,6 +582,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
         for t, name in enumerate(self.registry.names):
             out[f"num_microbatches/{name}"] = float(self._microbatches.get(t, 0))
         out["buffer_bytes"] = float(self.buffers.nbytes)
+        if self._dist.world_size > 1 and self._synced is not None:
+            out["buffer_bytes"] = self._synced.extra.get("buffer_bytes_max", out["buffer_bytes"])
+            out["comm_bytes"] = float(self._synced.comm_bytes + self._dist.stats_bytes)
         return out
 
     def captured_gradients(self) -> dict[str, torch.Tensor]:
