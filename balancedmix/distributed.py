@@ -15,9 +15,12 @@
     1. a small float64 all-reduce of fixed length (error flags, per-row used flags and
        micro-batch counts, per-parameter "has a gradient" flags, a fingerprint of ``p.grad`` per
        rank, a per-rank flag "``p.grad`` is my local total");
-    2. the all-reduce of the whole ``[R, P]`` float32 buffer (``R`` = every declared task, ×2 with
-       the split estimator, + one row for untagged gradients, in registry order; rows a rank did
-       not use are zeros), then a division by the world size, matching DDP's mean.
+    2. one in-place all-reduce of the float32 task buffer ``[R, P]`` (``R`` = every declared task,
+       ×2 with the split estimator, + one row for untagged gradients, in registry order; rows a
+       rank did not use are zeros), restricted to the span of rows used on *any* rank — a shape
+       every rank reads from the reduced meta vector, so it is the same everywhere (usually the K
+       task rows: the untagged row and absent tasks at the ends cost nothing); then a division by
+       the world size, matching DDP's mean.
 
     ``p.grad`` is then either already DDP's mean of the local totals (``sync="ddp"``: DDP synced
     the last micro-step, as accelerate's ``accumulate()`` does) or only this rank's local total
@@ -38,7 +41,8 @@
 DeepSpeed ZeRO is not supported; :func:`detect` raises :class:`UnsupportedDistributedError`.
 
 Rules every collective here follows: its number, order, dtype and shape depend only on static
-configuration (declared tasks, estimator, parameters, world size), never on the data; and every
+configuration (declared tasks, estimator, parameters, world size) or on numbers already agreed
+by an earlier collective, never on one rank's data; and every
 error that depends on one rank's data is first agreed with an all-reduce, then raised on every
 rank with the same message, so a faulty rank never leaves the others waiting.
 """
@@ -358,14 +362,13 @@ class DDPSync(_Collective):
         for i, p in enumerate(params):
             if p.grad is None:
                 continue
-            g = p.grad.detach().reshape(-1)
-            g64 = g.to(_FP64)
-            gsum += g64.sum()
-            gsq += g64.dot(g64)
+            g = p.grad.detach().reshape(-1).to(data.dtype)
+            gsum += g.sum().to(_FP64)
+            gsq += g.dot(g).to(_FP64)
             if check_local and rows:
-                loc = data[rows, buffers.slice(i)].sum(0).to(_FP64)
-                dot += loc.dot(g64)
-                lsq += loc.dot(loc)
+                loc = data[rows, buffers.slice(i)].sum(0)
+                dot += loc.dot(g).to(_FP64)
+                lsq += loc.dot(loc).to(_FP64)
         if check_local:
             gsq_f, dot_f, lsq_f = float(gsq), float(dot), float(lsq)
             if lsq_f > 0 and gsq_f > 0:
@@ -409,11 +412,15 @@ class DDPSync(_Collective):
                 "Parameters were not updated."
             )
 
-        # ---- the fused buffer all-reduce (fixed shape [R, P]): zero the rows this rank did not fill
-        buffers.zero_unused()
-        self._all_reduce(data)
-        data.div_(world)
+        # ---- the fused buffer all-reduce: rows lo..hi-1, the span of the rows used on any rank —
+        # identical on every rank because it comes from the reduced meta vector; rows this rank
+        # did not fill are zeros. A contiguous view of the [R, P] buffer: no copy.
         grows, gtask_counts, grow_counts = self._unpack_counts(used_g, counts_g)
+        buffers.zero_unused()
+        span = data[grows[0] : grows[-1] + 1] if grows else data[:0]
+        if span.numel():
+            self._all_reduce(span)
+            span.div_(world)
         buffers.mark_complete(grows)
 
         if mode == "buffers":
@@ -424,7 +431,7 @@ class DDPSync(_Collective):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad.copy_(total.view_as(p.grad))
-        comm = meta.numel() * meta.element_size() + data.numel() * data.element_size()
+        comm = meta.numel() * meta.element_size() + span.numel() * span.element_size()
         self.last_mode = mode
         return SyncResult(grows, gtask_counts, grow_counts, comm, mode)
 

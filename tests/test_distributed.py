@@ -82,8 +82,8 @@ def reference(method: str, schedule: dict[int, list[str]] | None = None, clip: f
     for step in range(STEPS):
         for rank in range(WORLD):
             for i, task in enumerate(schedule[rank]):
-                with opt.task(task):
-                    (loss_fn(model, batch(step, rank, i, task)) / (M * WORLD)).backward()
+                with opt.task(task) if task is not None else _null():
+                    (loss_fn(model, batch(step, rank, i, task or "a")) / (M * WORLD)).backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
@@ -112,7 +112,9 @@ def assert_params_equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> No
 
 
 # ----------------------------------------------------------------------------- DDP workers
-def _ddp_worker(rank: int, world: int, method: str, mode: str, clip: float | None, opts: dict) -> dict:
+def _ddp_worker(
+    rank: int, world: int, method: str, mode: str, clip: float | None, opts: dict, schedule: dict | None = None
+) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = make_model()
@@ -120,14 +122,15 @@ def _ddp_worker(rank: int, world: int, method: str, mode: str, clip: float | Non
     opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, method=method, sync=opts.pop("sync", "auto"), **opts)
     assert isinstance(opt.distributed, DDPSync)
     diags, modes = [], []
+    schedule = schedule or SCHEDULE
     for step in range(STEPS):
-        for i, task in enumerate(SCHEDULE[rank]):
+        for i, task in enumerate(schedule[rank]):
             last = i == M - 1
             # "ddp": DDP syncs the last micro-step (accelerate's accumulate()); "buffers": never
             sync_now = mode == "ddp" and last
             ctx = ddp.no_sync() if not sync_now else _null()
-            with ctx, opt.task(task):
-                (loss_fn(ddp, batch(step, rank, i, task)) / M).backward()
+            with ctx, (opt.task(task) if task is not None else _null()):
+                (loss_fn(ddp, batch(step, rank, i, task or "a")) / M).backward()
         if clip is not None:
             opt.synchronize()  # global gradient in p.grad before clipping (needed with no_sync)
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -170,6 +173,21 @@ def test_ddp_matches_single_process(method: str, mode: str) -> None:
     assert results[0]["diags"] == results[1]["diags"]
 
 
+@pytest.mark.parametrize("mode", ["ddp", "buffers"])
+def test_ddp_untagged_and_absent_task(mode: str) -> None:
+    """An untagged backward on one rank, task "b" absent everywhere (a zero row inside the reduced span)."""
+    method = "pcgrad" if "pcgrad" in available_methods() else "mean"
+    schedule = {0: ["a", None, "a", "a"], 1: ["c", "c", "a", "c"]}
+    want_diags, want_params = reference(method, schedule=schedule)
+    assert "grad_norm/untagged" in want_diags[0] and "grad_norm/b" not in want_diags[0]
+    results = run_ranks(_ddp_worker, WORLD, method, mode, None, {}, schedule, timeout=TIMEOUT)
+    for res in results:
+        for got, want in zip(res["diags"], want_diags):
+            assert_diag_equal(got, want)
+        assert_params_equal(res["params"], want_params)
+    assert results[0]["diags"] == results[1]["diags"]
+
+
 @pytest.mark.parametrize("sync", ["ddp", "buffers"])
 def test_ddp_explicit_sync_and_clip(sync: str) -> None:
     """Declared sync modes, a split estimator and a clip applied to the global gradient."""
@@ -190,11 +208,12 @@ def test_ddp_comm_bytes_and_buffer_layout() -> None:
     results = run_ranks(_ddp_worker, WORLD, "sum", "buffers", None, {}, timeout=TIMEOUT)
     model = make_model()
     n_params = sum(p.numel() for p in model.parameters())
-    rows = len(canonical_row_keys(len(TASKS), "raw"))
+    rows = len(canonical_row_keys(len(TASKS), "raw"))  # a, b, c, untagged
     meta = 1 + 2 * rows + len(list(model.parameters())) + 2 * WORLD + 1
     for res in results:
         d = res["diags"][-1]
-        assert d["comm_bytes"] == rows * n_params * 4 + meta * 8
+        # the buffer collective covers the rows used on some rank: a, b, c (untagged unused)
+        assert d["comm_bytes"] == (rows - 1) * n_params * 4 + meta * 8
         assert d["buffer_bytes"] == rows * n_params * 4
 
 
