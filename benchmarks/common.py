@@ -1,0 +1,388 @@
+"""Shared pieces of the benchmark suites: machine description, models, data, timing, tables.
+
+Every suite returns a plain ``dict`` (JSON-serialisable) with ``rows`` (one dict per measured
+configuration), ``targets`` (each ``{"name", "value", "limit", "met"}``), ``notes`` and
+``skipped`` (rows that could not run, with the reason). :func:`render_suite` turns it into a
+markdown section.
+
+Timing protocol: each configuration is a :class:`Runner` whose ``step()`` performs one whole
+training step (forward + backward over every micro-batch + optimizer step). Configurations that
+are compared with each other are timed *interleaved* (round-robin: one step of each, repeated),
+after one untimed warm-up step each, so that load drifting on a shared machine hits all of them
+alike; the figure reported is the median over the repeats. On a GPU the runners are built and
+timed one after another instead (they would not all fit in memory), with
+``torch.cuda.synchronize()`` around every timed step.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ModelSpec",
+    "TINY_LLAMA",
+    "QWEN_05B",
+    "QUICK_LLAMA",
+    "Workload",
+    "machine_info",
+    "build_model",
+    "make_microbatches",
+    "token_ce",
+    "microbatch_loss",
+    "Runner",
+    "time_runners",
+    "synchronize",
+    "target",
+    "render_suite",
+    "fmt_ratio",
+    "fmt_time",
+    "fmt_bytes",
+]
+
+
+# ----------------------------------------------------------------------------- machine
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, torch version, threads, GPU (if any), load average at start."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gpu": None,
+    }
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        info["load_average"] = None
+    try:
+        with open("/proc/meminfo") as fh:
+            info["mem_total_gib"] = round(int(fh.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+    return info
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class ModelSpec:
+    """A random-initialised decoder config (no download: built from the config in code)."""
+
+    name: str
+    arch: str  # "llama" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    tie_embeddings: bool = True
+
+    def num_params(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        head_dim = h // self.num_heads
+        kv = self.num_kv_heads * head_dim
+        attn = h * h * 2 + h * kv * 2 + (2 * kv + h if self.arch == "qwen2" else 0)
+        layer = attn + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_embeddings else 2) + self.num_layers * layer + h
+
+
+#: ~10 M parameters: the CPU model of the overhead and anchor suites.
+TINY_LLAMA = ModelSpec("tiny-llama-10M", "llama", 8192, 256, 1024, 8, 8, 4)
+#: a toy model for ``--quick`` runs and the smoke test (~0.2 M parameters).
+QUICK_LLAMA = ModelSpec("quick-llama-0.2M", "llama", 512, 64, 128, 2, 4, 2)
+#: the shape of Qwen2.5-0.5B (random init, bf16): the GPU model.
+QWEN_05B = ModelSpec("qwen2.5-0.5B-shape", "qwen2", 151936, 896, 4864, 24, 14, 2)
+
+
+def build_model(spec: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """The decoder of ``spec`` with weights from ``seed`` (same seed → identical weights), eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if spec.arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = cfg_cls(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=spec.tie_embeddings,
+        attention_dropout=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model.to(device=device, dtype=dtype)
+    model.eval()  # no dropout: the same batch gives the same gradient in every implementation
+    return model
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Workload:
+    """One training step's data: ``num_microbatches`` micro-batches of ``batch × seq`` tokens.
+
+    Micro-batch ``m`` belongs to task ``m mod K`` (task-homogeneous micro-batches, the way
+    balancedmix's sampler builds them). Sequences have no padding so that every implementation
+    (per micro-batch or per mixed chunk) averages over the same tokens.
+    """
+
+    num_microbatches: int = 8
+    batch: int = 2
+    seq: int = 64
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.num_microbatches * self.batch * self.seq
+
+
+def make_microbatches(workload: Workload, vocab_size: int, device: str = "cpu", seed: int = 1234) -> list[torch.Tensor]:
+    """``num_microbatches`` random token tensors ``[batch, seq]`` (int64), reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, vocab_size, (workload.batch, workload.seq), generator=gen).to(device)
+        for _ in range(workload.num_microbatches)
+    ]
+
+
+def task_names(k: int) -> list[str]:
+    return [f"task{t}" for t in range(k)]
+
+
+def token_ce(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token cross-entropy ``[B, S-1]`` (float32) of ``model`` on ``ids``."""
+    logits = model(input_ids=ids).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+    ).view(ids.shape[0], ids.shape[1] - 1)
+
+
+def microbatch_loss(model: torch.nn.Module, ids: torch.Tensor, num_microbatches: int) -> torch.Tensor:
+    """Mean token loss of one micro-batch divided by the number of micro-batches (accumulation)."""
+    return token_ce(model, ids).mean() / num_microbatches
+
+
+# ----------------------------------------------------------------------------- timing
+def synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Runner:
+    """One configuration under test: ``step()`` runs one complete training step.
+
+    ``info`` carries what the table shows besides time (method, K, extra bytes, ...);
+    ``close()`` frees what the runner holds (hooks, models).
+    """
+
+    name: str
+    step: Callable[[], None]
+    info: dict[str, Any] = field(default_factory=dict)
+    close: Callable[[], None] = lambda: None
+
+
+def time_runners(
+    factories: Sequence[Callable[[], Runner]],
+    repeats: int,
+    device: str = "cpu",
+    interleave: bool = True,
+    warmup: int = 1,
+) -> list[dict[str, Any]]:
+    """Time each runner's ``step()``; returns one row per runner with ``times_s`` and ``median_s``.
+
+    ``interleave=True`` builds all runners first and times them round-robin (CPU, shared
+    machine); ``False`` builds, times and frees them one at a time (GPU memory). On CUDA each
+    runner's peak allocated memory over its timed steps is recorded as ``peak_bytes``.
+    """
+    cuda = str(device).startswith("cuda")
+    rows: list[dict[str, Any]] = []
+
+    def timed(r: Runner) -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        r.step()
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    if interleave:
+        runners = [f() for f in factories]
+        times: list[list[float]] = [[] for _ in runners]
+        for r in runners:
+            for _ in range(warmup):
+                r.step()
+        for _ in range(repeats):
+            for i, r in enumerate(runners):
+                times[i].append(timed(r))
+        for r, ts in zip(runners, times):
+            rows.append(_row(r, ts))
+            r.close()
+        del runners
+    else:
+        for f in factories:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            r = f()
+            for _ in range(warmup):
+                r.step()
+            ts = [timed(r) for _ in range(repeats)]
+            row = _row(r, ts)
+            if cuda:
+                row["peak_bytes"] = int(torch.cuda.max_memory_allocated())
+            rows.append(row)
+            r.close()
+            del r
+            gc.collect()
+    gc.collect()
+    return rows
+
+
+def _row(r: Runner, ts: list[float]) -> dict[str, Any]:
+    return {"name": r.name, **r.info, "times_s": [round(t, 6) for t in ts], "median_s": statistics.median(ts)}
+
+
+def median_time(fn: Callable[[], Any], repeats: int, device: str = "cpu", warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# ----------------------------------------------------------------------------- targets and tables
+def target(name: str, value: float | None, limit: float, kind: str = "<=") -> dict[str, Any]:
+    """A target line: ``value kind limit`` (``met`` is None when the value could not be measured)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        met = None
+    else:
+        met = value <= limit if kind == "<=" else value >= limit
+    return {"name": name, "value": value, "limit": limit, "kind": kind, "met": met}
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}×"
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def fmt_bytes(b: float | None) -> str:
+    if b is None:
+        return "—"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(b) >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{int(b)} B"
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """``columns`` = [(header, key)]; a key's value is formatted by ``_cell`` unless already a str."""
+    head = "| " + " | ".join(h for h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, sep]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(k)) for _, k in columns) + " |")
+    return "\n".join(lines)
+
+
+def render_targets(targets: Sequence[dict[str, Any]]) -> str:
+    if not targets:
+        return ""
+    lines = ["| target | measured | limit | met |", "|---|---|---|---|"]
+    for t in targets:
+        met = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+        val = "—" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"| {t['name']} | {val} | {t['kind']} {t['limit']} | {met} |")
+    return "\n".join(lines)
+
+
+def render_suite(title: str, suite: dict[str, Any]) -> str:
+    """Markdown section for one suite: tables, targets, skipped rows, notes."""
+    parts = [f"### {title}", ""]
+    for table in suite.get("tables", []):
+        if table.get("caption"):
+            parts += [table["caption"], ""]
+        parts += [markdown_table(table["rows"], table["columns"]), ""]
+    if suite.get("targets"):
+        parts += ["Targets:", "", render_targets(suite["targets"]), ""]
+    for s in suite.get("skipped", []):
+        parts.append(f"- skipped: {s}")
+    for n in suite.get("notes", []):
+        parts.append(f"- {n}")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (torch.dtype, torch.device)):
+        return str(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def flat_grad(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """All ``p.grad`` concatenated as one float64 vector (zeros for missing gradients)."""
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double().cpu() for p in params]
+    )
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖ / max(‖b‖, tiny)``."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))

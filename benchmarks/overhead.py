@@ -1,0 +1,150 @@
+"""Overhead suite: plain AdamW vs ``BalancedOptimizer`` (``sum``, raw and split estimators).
+
+Time per training step (forward + backward over M micro-batches across K tasks + step) on the
+same micro-batches, medians over repeats, as ratios to the plain step; and the extra memory
+(the task buffers) against the documented K×P (raw) and 2K×P (split) float32 elements.
+
+Run directly: ``python benchmarks/overhead.py [--quick] [--repeats N] [--out DIR]`` writes
+``overhead.json`` and ``overhead.md`` (the full suite: ``python -m benchmarks run``).
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
+from typing import Any
+
+import torch
+
+from .common import (
+    QUICK_LLAMA,
+    TINY_LLAMA,
+    ModelSpec,
+    Workload,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_time,
+    target,
+    time_runners,
+)
+from .runners import balanced_runner, plain_runner
+
+__all__ = ["run", "FULL_WORKLOAD", "QUICK_WORKLOAD"]
+
+#: 8 micro-batches of 2 sequences × 64 tokens (1024 tokens per step) on the ~10 M Llama.
+FULL_WORKLOAD = Workload(num_microbatches=8, batch=2, seq=64)
+QUICK_WORKLOAD = Workload(num_microbatches=4, batch=2, seq=16)
+
+
+def run(
+    quick: bool = False,
+    repeats: int = 5,
+    ks: tuple[int, ...] | None = None,
+    device: str = "cpu",
+    spec: ModelSpec | None = None,
+    dtype: torch.dtype = torch.float32,
+    workload: Workload | None = None,
+) -> dict[str, Any]:
+    """Run the overhead suite; returns the suite dict (rows, tables, targets, notes)."""
+    spec = spec or (QUICK_LLAMA if quick else TINY_LLAMA)
+    workload = workload or (QUICK_WORKLOAD if quick else FULL_WORKLOAD)
+    ks = ks or ((2, 4) if quick else (2, 4, 8))
+    cuda = device.startswith("cuda")
+    rows: list[dict[str, Any]] = []
+    common = dict(device=device, dtype=dtype)
+    for k in ks:
+        factories = [
+            lambda k=k: plain_runner(spec, workload, k, **common),
+            lambda k=k: balanced_runner(spec, workload, k, "sum", "raw", **common),
+            lambda k=k: balanced_runner(spec, workload, k, "sum", "split", **common),
+        ]
+        group = time_runners(factories, repeats, device=device, interleave=not cuda)
+        base = group[0]["median_s"]
+        for r in group:
+            r["ratio"] = r["median_s"] / base
+            r["extra_ms"] = (r["median_s"] - base) * 1e3
+            if r["impl"] == "balancedmix":
+                per = 2 if r["estimator"] == "split" else 1
+                counts = [len(range(t, workload.num_microbatches, k)) for t in range(k)]
+                # documented: one float32 row per task (raw), two per task with >= 2 micro-batches (split)
+                r["expected_bytes"] = sum(min(per, c) for c in counts) * r["P"] * 4
+                r["bytes_as_documented"] = r.get("extra_bytes") == r["expected_bytes"]
+            r["time"] = fmt_time(r["median_s"])
+            r["ratio_s"] = fmt_ratio(r["ratio"])
+            r["extra_s"] = fmt_bytes(r.get("extra_bytes"))
+            r["expected_s"] = fmt_bytes(r.get("expected_bytes"))
+            if "peak_bytes" in r:
+                r["peak_s"] = fmt_bytes(r["peak_bytes"])
+        rows += group
+
+    def ratio_of(k: int, est: str) -> float | None:
+        for r in rows:
+            if r["K"] == k and r["impl"] == "balancedmix" and r["estimator"] == est:
+                return r["ratio"]
+        return None
+
+    k_target = 4 if 4 in ks else ks[0]
+    targets = [
+        target(f"sum/raw step ÷ plain step, K={k_target}", ratio_of(k_target, "raw"), 1.03),
+        target(f"sum/split step ÷ plain step, K={k_target}", ratio_of(k_target, "split"), 1.06),
+    ]
+    for k in ks:
+        if k != k_target:
+            targets.append(target(f"sum/raw step ÷ plain step, K={k}", ratio_of(k, "raw"), 1.03))
+    bal = [r for r in rows if r["impl"] == "balancedmix"]
+    exact = all(r.get("bytes_as_documented") for r in bal)
+    targets.append(target("extra memory == documented K×P×4 B (raw) / 2K×P×4 B (split, tasks with ≥ 2 micro-batches) (1 = yes)", 1.0 if exact else 0.0, 1.0, ">="))
+    columns = [("K", "K"), ("configuration", "name"), ("median step", "time"), ("× plain", "ratio_s"),
+               ("extra ms/step", "extra_ms"), ("extra bytes", "extra_s"), ("documented", "expected_s"),
+               ("as documented", "bytes_as_documented")]
+    if cuda:
+        columns.append(("peak memory", "peak_s"))
+    p = rows[0]["P"] if rows else spec.num_params()
+    notes = [
+        f"model {spec.name} (P = {p:,} parameters, {str(dtype).replace('torch.', '')}) on {device}; "
+        f"{workload.num_microbatches} micro-batches of {workload.batch}×{workload.seq} tokens per step, "
+        f"micro-batch m belongs to task m mod K; AdamW(lr=1e-4); median of {repeats} timed steps after 1 warm-up"
+        + ("; configurations timed interleaved (round-robin)" if not cuda else "; configurations timed one after another"),
+        "extra bytes = the BalancedOptimizer's task buffers (`buffers.nbytes`, float32); the wrapped optimizer's "
+        "state and p.grad are the same as the plain run's",
+    ]
+    return {
+        "suite": "overhead",
+        "device": device,
+        "model": spec.name,
+        "workload": vars(workload),
+        "rows": rows,
+        "tables": [{"caption": "Time per training step, plain AdamW vs BalancedOptimizer(method='sum')", "columns": columns, "rows": rows}],
+        "targets": targets,
+        "notes": notes,
+        "skipped": [],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    from .common import machine_info, render_suite, write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy model and sizes (seconds)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 5, quick 2)")
+    parser.add_argument("--out", default="benchmarks/results/overhead", help="output directory")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    suite = run(quick=args.quick, repeats=repeats)
+    out = Path(args.out)
+    write_json(out / "overhead.json", {"machine": machine_info(), "overhead": suite})
+    (out / "overhead.md").write_text(render_suite("Overhead (CPU)", suite))
+    print(render_suite("Overhead (CPU)", suite))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
