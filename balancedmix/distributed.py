@@ -359,14 +359,16 @@ class DDPSync(_Collective):
         dot = torch.zeros((), dtype=_FP64)
         lsq = torch.zeros((), dtype=_FP64)
         check_local = self.sync in ("auto", "buffers")
+        buffers.zero_unused()  # rows this rank did not fill this step are zeros from here on
+        local_total = data.sum(0) if (check_local and rows) else None  # one pass over [R, P]
         for i, p in enumerate(params):
             if p.grad is None:
                 continue
             g = p.grad.detach().reshape(-1).to(data.dtype)
             gsum += g.sum().to(_FP64)
             gsq += g.dot(g).to(_FP64)
-            if check_local and rows:
-                loc = data[rows, buffers.slice(i)].sum(0)
+            if local_total is not None:
+                loc = local_total[buffers.slice(i)]
                 dot += loc.dot(g).to(_FP64)
                 lsq += loc.dot(loc).to(_FP64)
         if check_local:
@@ -416,7 +418,6 @@ class DDPSync(_Collective):
         # identical on every rank because it comes from the reduced meta vector; rows this rank
         # did not fill are zeros. A contiguous view of the [R, P] buffer: no copy.
         grows, gtask_counts, grow_counts = self._unpack_counts(used_g, counts_g)
-        buffers.zero_unused()
         span = data[grows[0] : grows[-1] + 1] if grows else data[:0]
         if span.numel():
             self._all_reduce(span)
@@ -424,13 +425,13 @@ class DDPSync(_Collective):
         buffers.mark_complete(grows)
 
         if mode == "buffers":
+            total = span.sum(0) if span.numel() else torch.zeros(data.shape[1], dtype=data.dtype, device=data.device)
             for i, p in enumerate(params):
                 if not bool(has_grad_g[i]):
                     continue
-                total = data[grows, buffers.slice(i)].sum(0) if grows else torch.zeros(p.numel(), dtype=data.dtype)
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad.copy_(total.view_as(p.grad))
+                p.grad.copy_(total[buffers.slice(i)].view_as(p.grad))
         comm = meta.numel() * meta.element_size() + span.numel() * span.element_size()
         self.last_mode = mode
         return SyncResult(grows, gtask_counts, grow_counts, comm, mode)
