@@ -18,11 +18,16 @@ available by name (``BalancedOptimizer(opt, method="name", **options)``).
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Union, runtime_checkable
 
+import numpy as np
 import torch
+
+from . import stats
 
 __all__ = [
     "MethodContext",
@@ -34,7 +39,26 @@ __all__ = [
     "sum_method",
     "mean_method",
     "Weights",
+    "Normalize",
+    "PCGrad",
+    "MGDA",
+    "CAGrad",
+    "IMTLG",
+    "UPGrad",
+    "pcgrad_matrix",
+    "pcgrad_orders",
+    "ZERO_REL",
+    "mgda_weights",
+    "cagrad_weights",
+    "imtl_g_weights",
+    "upgrad_weights",
+    "dual_cone_weights",
+    "nnls_gram",
+    "check_coefficients",
+    "collapse_projection",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -171,3 +195,526 @@ def check_coefficients(coef: torch.Tensor, tasks: Sequence[str], method_name: st
         bad = [t for t, c in zip(tasks, coef.tolist()) if c != c or abs(c) == float("inf")]
         raise FloatingPointError(f"method {method_name} returned non-finite coefficients for tasks {bad}")
     return coef
+
+
+# ====================================================================== shared numerics
+#
+# Every method below works on the K×K Gram matrix alone. The solvers run in numpy float64 on
+# the CPU: for K ≤ 16 a numpy call costs about a microsecond where a torch call costs ten, and
+# the methods run once per optimizer step.
+
+#: A task whose gradient norm is at most ``ZERO_REL`` times the largest task norm of the step
+#: counts as a zero gradient in ``mgda``, ``cagrad``, ``upgrad`` and ``imtl_g``: it is removed
+#: before the method runs and gets coefficient 0 (see ``docs/methods.md``).
+ZERO_REL = 1e-12
+
+
+def _gram_array(gram: torch.Tensor, method: str) -> np.ndarray:
+    """Validate a Gram matrix and return it as a symmetric float64 numpy array ``[K, K]``."""
+    if not isinstance(gram, torch.Tensor):
+        raise TypeError(f"method {method}: gram must be a torch.Tensor, got {type(gram).__name__}")
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"method {method}: gram must be a square [K, K] matrix, got shape {tuple(gram.shape)}")
+    g = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if not np.isfinite(g).all():
+        raise ValueError(f"method {method}: gram holds NaN/Inf")
+    g = 0.5 * (g + g.T)
+    if (np.diagonal(g) < 0).any():
+        raise ValueError(f"method {method}: gram has a negative diagonal entry (squared norm): {np.diagonal(g).tolist()}")
+    return g
+
+
+def _nonzero(g: np.ndarray) -> np.ndarray:
+    """Mask of the tasks whose norm exceeds ``ZERO_REL`` × the largest norm (``[K]`` bool)."""
+    d = np.diagonal(g)
+    top = d.max() if d.size else 0.0
+    return d > max(top * ZERO_REL * ZERO_REL, 0.0)
+
+
+def _restrict(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Gram of the non-zero tasks divided by its largest diagonal entry, and their indices."""
+    idx = np.flatnonzero(_nonzero(g))
+    sub = g[np.ix_(idx, idx)]
+    if idx.size:
+        sub = sub / np.diagonal(sub).max()
+    return sub, idx
+
+
+def _expand(values: np.ndarray, idx: np.ndarray, k: int) -> torch.Tensor:
+    out = np.zeros(k)
+    out[idx] = values
+    return torch.from_numpy(out)
+
+
+def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.linalg.lstsq(a, b, rcond=1e-13)[0]
+
+
+def nnls_gram(h: np.ndarray, f: np.ndarray, tol: float | None = None, max_iter: int | None = None) -> np.ndarray:
+    """Solve ``min_x ½ xᵀ h x − fᵀ x`` subject to ``x ≥ 0`` (``h`` symmetric PSD ``[n, n]``).
+
+    This is non-negative least squares ``min_{x≥0} ||A x − b||²`` written with ``h = AᵀA`` and
+    ``f = Aᵀb`` only, solved by the Lawson–Hanson active-set method (exact: it ends on the KKT
+    point of the final passive set, solved by a least-squares solve on that sub-block). ``tol``
+    is the threshold on the negative gradient ``f − h x`` below which no variable is freed
+    (default ``1e-12`` × the largest entry of ``h`` and ``f``). Returns ``x`` ``[n]``.
+    """
+    h = np.asarray(h, dtype=np.float64)
+    f = np.asarray(f, dtype=np.float64)
+    n = f.shape[0]
+    x = np.zeros(n)
+    if n == 0:
+        return x
+    if tol is None:
+        tol = 1e-12 * max(float(np.abs(h).max()), float(np.abs(f).max()), 1e-300)
+    if max_iter is None:
+        max_iter = 20 * n + 20
+    passive = np.zeros(n, dtype=bool)
+    grad = f.copy()
+    blocked = -1  # a variable freed and dropped at once (numerical tie): not freed again right away
+    iters = 0
+    while True:
+        cand = ~passive & (grad > tol)
+        if blocked >= 0:
+            cand[blocked] = False
+        if not cand.any():
+            break
+        j = int(np.argmax(np.where(cand, grad, -np.inf)))
+        passive[j] = True
+        moved = False
+        while True:
+            iters += 1
+            if iters > max_iter:
+                logger.debug("nnls_gram: iteration limit %d reached (n=%d); returning the current feasible point", max_iter, n)
+                return x
+            idx = np.flatnonzero(passive)
+            s = np.zeros(n)
+            s[idx] = _lstsq(h[np.ix_(idx, idx)], f[idx])
+            if (s[idx] > 0).all():
+                x = s
+                moved = True
+                break
+            neg = idx[s[idx] <= 0]
+            den = x[neg] - s[neg]
+            ratio = np.where(den > 0, x[neg] / np.where(den > 0, den, 1.0), 0.0)
+            alpha = float(ratio.min())
+            if alpha > 0:
+                moved = True
+            x = x + alpha * (s - x)
+            passive &= x > 0
+            x[~passive] = 0.0
+            if not passive.any():
+                break
+        blocked = -1 if moved else j
+        grad = f - h @ x
+    return x
+
+
+def _min_norm_hull(g: np.ndarray) -> np.ndarray:
+    """Weights ``α`` (on the simplex) of the min-norm point of the convex hull of K vectors.
+
+    ``min_{α ≥ 0, Σα = 1} αᵀ g α`` equals the non-negative least-squares problem
+    ``min_{β ≥ 0} ||[A; 1ᵀ] β − [0; 1]||²`` up to ``α = β / Σβ``: with ``β = sα`` its value is
+    ``s² q + (s − 1)²``, minimised at ``s = 1/(1 + q)`` to ``q/(1 + q)``, increasing in
+    ``q = αᵀ g α``. In Gram form ``h = g + 11ᵀ``, ``f = 1``.
+    """
+    k = g.shape[0]
+    if k == 0:
+        return np.zeros(0)
+    scale = np.diagonal(g).max()
+    if scale <= 0:
+        return np.full(k, 1.0 / k)
+    beta = nnls_gram(g / scale + 1.0, np.ones(k))
+    total = beta.sum()
+    if total <= 0:  # cannot happen for a PSD g (β = e_j/(1+g_jj) already beats 0); stay defined
+        return np.full(k, 1.0 / k)
+    return beta / total
+
+
+# ====================================================================== normalize
+
+
+@register_method("normalize")
+class Normalize:
+    """Every task contributes to the update with the same magnitude.
+
+    ``c_t = T / n̄_t`` where ``n̄_t`` is the task's gradient norm (its EMA when ``beta > 0``,
+    tracked per task name) and the target ``T``:
+
+    - ``"mean"`` (default): the mean of ``n̄`` over the tasks of the step with a non-zero
+      gradient, so every contribution ``||c_t G_t||`` equals the mean task norm (with
+      ``beta = 0``) and ``Σ_t ||c_t G_t|| = Σ_t ||G_t||``;
+    - ``"sum"``: the equal-magnitude combination ``Σ_t G_t / n̄_t`` rescaled to the norm of the
+      plain summed gradient ``||Σ_t G_t||`` (the step size of ``method="sum"``); 0 when the
+      normalized gradients cancel (``||Σ_t G_t / n̄_t||² ≤ 1e-20 Σ_t (n_t / n̄_t)²``);
+    - a positive float: ``||c_t G_t|| = T`` (e.g. ``1.0``: sum of unit task gradients).
+
+    A task whose current norm is ``≤ eps`` (absolute, in gradient units) gets ``c_t = 0`` and
+    leaves its EMA untouched, so a zero gradient never causes a division by zero. The EMA
+    ``n̄_t ← beta n̄_t + (1 − beta) n_t`` starts at the first non-zero norm seen; tasks absent
+    from a step keep their EMA. ``state_dict()`` holds the EMAs by task name.
+    """
+
+    def __init__(self, target: str | float = "mean", beta: float = 0.0, eps: float = 1e-12) -> None:
+        if isinstance(target, str):
+            if target not in ("mean", "sum"):
+                raise ValueError(f"normalize: target must be 'mean', 'sum' or a positive float, got {target!r}")
+        else:
+            target = float(target)
+            if not (math.isfinite(target) and target > 0):
+                raise ValueError(f"normalize: a numeric target must be positive and finite, got {target}")
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"normalize: beta must be in [0, 1), got {beta}")
+        if not (math.isfinite(float(eps)) and float(eps) >= 0):
+            raise ValueError(f"normalize: eps must be a finite number >= 0, got {eps}")
+        self.target = target
+        self.beta = float(beta)
+        self.eps = float(eps)
+        self.ema: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"Normalize(target={self.target!r}, beta={self.beta}, eps={self.eps})"
+
+    def __call__(self, gram: torch.Tensor, ctx: MethodContext) -> torch.Tensor:
+        g = _gram_array(gram, "normalize")
+        k = g.shape[0]
+        if len(ctx.tasks) != k:
+            raise ValueError(f"normalize: gram is {k}x{k} but ctx names {len(ctx.tasks)} tasks {list(ctx.tasks)}")
+        norms = np.sqrt(np.diagonal(g))
+        nz = norms > self.eps
+        smoothed = np.zeros(k)
+        for i in np.flatnonzero(nz):
+            name = ctx.tasks[i]
+            value = stats.ema(self.ema.get(name), float(norms[i]), self.beta)
+            self.ema[name] = value
+            smoothed[i] = value
+        coef = np.zeros(k)
+        if not nz.any():
+            return torch.from_numpy(coef)
+        inv = np.zeros(k)
+        inv[nz] = 1.0 / smoothed[nz]
+        if self.target == "mean":
+            coef = inv * smoothed[nz].mean()
+        elif self.target == "sum":
+            plain = float(g.sum())
+            combined = float(inv @ g @ inv)
+            reference = float(((inv * norms) ** 2).sum())
+            if combined > 1e-20 * reference and plain > 0:
+                coef = inv * math.sqrt(plain / combined)
+        else:
+            coef = inv * float(self.target)
+        return torch.from_numpy(coef)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": dict(self.ema)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        ema = state.get("ema")
+        if not isinstance(ema, Mapping):
+            raise ValueError(f"normalize: state must hold an 'ema' mapping task -> norm, got {type(ema).__name__}")
+        loaded: dict[str, float] = {}
+        for name, value in ema.items():
+            v = float(value)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"normalize: EMA norm {v} for task {name!r} is not a positive finite number")
+            loaded[str(name)] = v
+        self.ema = loaded
+
+
+# ====================================================================== pcgrad
+
+
+def pcgrad_matrix(gram: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """PCGrad's projected gradients as a coefficient matrix (Yu et al. 2020, Algorithm 1).
+
+    Args:
+        gram: ``[K, K]`` Gram matrix of the task gradients.
+        orders: ``[K, K]`` integer tensor; row ``i`` is the order (a permutation of ``0..K-1``)
+            in which task ``i``'s gradient is projected on the others (its own index is skipped).
+
+    Returns:
+        ``W`` ``[K, K]`` float64 with ``g̃_i = Σ_j W[i, j] G_j``: starting from ``g̃_i = G_i``,
+        for ``j`` in ``orders[i]``, ``j ≠ i``: if ``<g̃_i, G_j> < 0`` then
+        ``g̃_i ← g̃_i − <g̃_i, G_j> / ||G_j||² · G_j``. A zero ``G_j`` is never projected on.
+        The K rows are processed together, one position of the orders at a time.
+    """
+    g = _gram_array(gram, "pcgrad")
+    k = g.shape[0]
+    order = np.asarray(orders.detach().cpu().numpy() if isinstance(orders, torch.Tensor) else orders, dtype=np.int64)
+    if order.shape != (k, k) or (np.sort(order, axis=1) != np.arange(k)).any():
+        raise ValueError(f"pcgrad: orders must be a [{k}, {k}] tensor whose rows are permutations of 0..{k - 1}")
+    w = np.eye(k)
+    rows = np.arange(k)
+    diag = np.diagonal(g)
+    for pos in range(k):
+        j = order[:, pos]
+        inner = np.einsum("il,li->i", w, g[:, j])  # <g̃_i, G_{j_i}>
+        conflict = (inner < 0) & (j != rows) & (diag[j] > 0)
+        step = np.where(conflict, inner / np.where(diag[j] > 0, diag[j], 1.0), 0.0)
+        w[rows, j] -= step
+    return torch.from_numpy(w)
+
+
+def pcgrad_orders(k: int, generator: torch.Generator) -> torch.Tensor:
+    """The ``[K, K]`` random orders PCGrad uses: ``K`` calls of ``torch.randperm(K, generator=...)``
+    (row ``i`` for task ``i``), so a run is reproducible from the optimizer's seeded generator."""
+    if k == 0:
+        return torch.zeros(0, 0, dtype=torch.long)
+    return torch.stack([torch.randperm(k, generator=generator) for _ in range(k)])
+
+
+@register_method("pcgrad")
+class PCGrad:
+    """Projecting conflicting gradients (Yu et al. 2020): ``G = Σ_i g̃_i`` (see :func:`pcgrad_matrix`).
+
+    Each step draws, for every task, a random order of the other tasks from ``ctx.generator``
+    (reproducible; the optimizer saves the generator in its ``state_dict``). Projection happens
+    only on conflict (negative inner product), so without conflicts ``c = 1`` (the plain sum).
+    """
+
+    def __repr__(self) -> str:
+        return "PCGrad()"
+
+    def __call__(self, gram: torch.Tensor, ctx: MethodContext) -> torch.Tensor:
+        k = gram.shape[0]
+        return collapse_projection(pcgrad_matrix(gram, pcgrad_orders(k, ctx.generator)))
+
+
+# ====================================================================== mgda
+
+
+def mgda_weights(gram: torch.Tensor) -> torch.Tensor:
+    """MGDA's weights: the min-norm point ``Σ α_t G_t`` of the convex hull (Désidéri 2012;
+    Sener & Koltun 2018), solved exactly (active set, :func:`nnls_gram`). ``[K, K] -> [K]``.
+
+    Zero-gradient tasks (see :data:`ZERO_REL`) are left out and get ``α = 0``; if every task is
+    zero, ``α = 1/K``. The weights sum to 1 (a mean-scale update).
+    """
+    g = _gram_array(gram, "mgda")
+    k = g.shape[0]
+    sub, idx = _restrict(g)
+    if idx.size == 0:
+        return torch.full((k,), 1.0 / k if k else 0.0, dtype=torch.float64)
+    return _expand(_min_norm_hull(sub), idx, k)
+
+
+@register_method("mgda")
+class MGDA:
+    """Multiple-gradient descent: the min-norm element of the convex hull of the task gradients."""
+
+    def __repr__(self) -> str:
+        return "MGDA()"
+
+    def __call__(self, gram: torch.Tensor, ctx: MethodContext) -> torch.Tensor:
+        return mgda_weights(gram)
+
+
+# ====================================================================== cagrad
+
+
+#: CAGrad: an optimum with ``||g_w|| ≤ _PARETO_REL ×`` the largest task norm counts as ``g_w = 0``.
+_PARETO_REL = 1e-6
+
+
+def cagrad_weights(gram: torch.Tensor, c: float = 0.5, rescale: bool = False) -> torch.Tensor:
+    """CAGrad's coefficients (Liu et al. 2021, Algorithm 1). ``[K, K] -> [K]``.
+
+    With ``g0`` the mean gradient and ``r = c ||g0||``: ``w* = argmin_{w ∈ Δ} <g_w, g0> + r ||g_w||``
+    (``g_w = Σ w_t G_t``), then ``d = g0 + r g_w / ||g_w||``, i.e.
+    ``c_t = 1/K + r w*_t / ||g_w||`` (divided by ``1 + c²`` when ``rescale``, as the authors'
+    code does by default). The dual is solved exactly: for ``λ > 0``,
+    ``w(λ) = argmin_{w∈Δ} <g_w, g0> + r/(2λ) ||g_w||²`` is the min-norm point of the hull of
+    ``G_t + (λ/r) g0`` (an active-set solve), and the optimum is the ``λ`` with
+    ``||g_{w(λ)}|| = λ`` (monotone, bracketed by the MGDA norm and the largest task norm; found
+    by safeguarded regula falsi to 1e-13 relative).
+
+    Zero-gradient tasks are left out (coefficient 0; ``K`` counts the others). If ``g0 = 0`` or
+    ``c = 0`` the result is the mean (``1/K``). If the optimum has ``g_w = 0`` (the origin lies in
+    the hull and no direction improves every task) the coefficients are all 0, as in torchjd.
+    """
+    if not (math.isfinite(float(c)) and float(c) >= 0):
+        raise ValueError(f"cagrad: c must be a finite number >= 0, got {c}")
+    g = _gram_array(gram, "cagrad")
+    k_all = g.shape[0]
+    sub, idx = _restrict(g)
+    k = idx.size
+    if k == 0:
+        return torch.full((k_all,), 1.0 / k_all if k_all else 0.0, dtype=torch.float64)
+    a = sub.mean(axis=1)  # <G_t, g0>
+    g0sq = float(sub.mean())  # ||g0||²
+    base = np.full(k, 1.0 / k)
+    r = float(c) * math.sqrt(max(g0sq, 0.0))
+    if r <= 0 or g0sq <= 1e-24:
+        return _expand(base, idx, k_all)
+
+    def solve(lam: float) -> tuple[np.ndarray, float]:
+        t = lam / r  # 1/μ
+        shifted = sub + t * (a[:, None] + a[None, :]) + (t * t) * g0sq
+        w = _min_norm_hull(shifted)
+        return w, math.sqrt(max(float(w @ sub @ w), 0.0))
+
+    top = math.sqrt(float(np.diagonal(sub).max()))  # = 1 after _restrict's scaling
+    alpha = _min_norm_hull(sub)
+    # ||g_w|| comes from wᵀ gram w, so it is known to ~1e-8 × top only: below _PARETO_REL the
+    # optimum is taken as g_w = 0 (the origin is, to that precision, in the hull).
+    m = math.sqrt(max(float(alpha @ sub @ alpha), 0.0))  # ||g_w|| >= m on the simplex
+    low = max(m, _PARETO_REL * top)
+    high = top
+    w_low, q_low = solve(low)
+    f_low = q_low - low
+    w, q = w_low, q_low
+    if f_low <= 0:
+        if m < _PARETO_REL * top:  # the root is at λ ≤ 1e-6 top: g_w = 0, Pareto-stationary
+            return torch.zeros(k_all, dtype=torch.float64)
+        # else the root is λ = m (ρ(m) >= 0 exactly; <= 0 only by rounding)
+    else:
+        w_high, q_high = solve(high)
+        f_high = q_high - high
+        w, q = (w_high, q_high) if f_high >= 0 else (w_low, q_low)
+        if f_high < 0:
+            side = 0
+            tol = 1e-13 * top
+            for _ in range(200):
+                lam = high - f_high * (high - low) / (f_high - f_low)
+                if not low < lam < high:
+                    lam = 0.5 * (low + high)
+                w, q = solve(lam)
+                f = q - lam
+                if abs(f) <= tol or high - low <= tol:
+                    break
+                if f > 0:
+                    low, f_low = lam, f
+                    if side == 1:
+                        f_high *= 0.5
+                    side = 1
+                else:
+                    high, f_high = lam, f
+                    if side == -1:
+                        f_low *= 0.5
+                    side = -1
+    if q <= _PARETO_REL * top:
+        return torch.zeros(k_all, dtype=torch.float64)
+    coef = base + (r / q) * w
+    if rescale:
+        coef = coef / (1.0 + float(c) ** 2)
+    return _expand(coef, idx, k_all)
+
+
+@register_method("cagrad")
+class CAGrad:
+    """Conflict-averse gradient descent (Liu et al. 2021); ``c`` ≥ 0 is the radius factor
+    (``c = 0`` is the mean). ``rescale=True`` divides by ``1 + c²`` like the authors' code."""
+
+    def __init__(self, c: float = 0.5, rescale: bool = False) -> None:
+        if not (math.isfinite(float(c)) and float(c) >= 0):
+            raise ValueError(f"cagrad: c must be a finite number >= 0, got {c}")
+        self.c = float(c)
+        self.rescale = bool(rescale)
+
+    def __repr__(self) -> str:
+        return f"CAGrad(c={self.c}, rescale={self.rescale})"
+
+    def __call__(self, gram: torch.Tensor, ctx: MethodContext) -> torch.Tensor:
+        return cagrad_weights(gram, self.c, self.rescale)
+
+
+# ====================================================================== imtl_g
+
+
+def imtl_g_weights(gram: torch.Tensor) -> torch.Tensor:
+    """IMTL-G (Liu et al. 2021), generalised to dependent gradients as in torchjd:
+    ``v = gram⁺ n`` (``n_t = ||G_t||``), ``w = v / Σ v``. ``[K, K] -> [K]``.
+
+    ``G = Σ w_t G_t`` has the same projection ``<G, G_t/||G_t||>`` on every task's unit gradient
+    and ``Σ w = 1``. When ``|Σ v| ≤ 1e-12`` (Gram scaled to a unit largest norm: e.g. two
+    opposite gradients) no such update exists with ``Σ w = 1`` and the weights are 0.
+    Zero-gradient tasks get weight 0.
+    """
+    g = _gram_array(gram, "imtl_g")
+    k = g.shape[0]
+    sub, idx = _restrict(g)
+    if idx.size == 0:
+        return torch.zeros(k, dtype=torch.float64)
+    st = torch.from_numpy(sub)
+    v = (torch.linalg.pinv(st) @ torch.diagonal(st).sqrt()).numpy()
+    total = float(v.sum())
+    if abs(total) <= 1e-12:
+        return torch.zeros(k, dtype=torch.float64)
+    return _expand(v / total, idx, k)
+
+
+@register_method("imtl_g")
+class IMTLG:
+    """Impartial MTL, gradient part: equal projections on every unit task gradient, closed form."""
+
+    def __repr__(self) -> str:
+        return "IMTLG()"
+
+    def __call__(self, gram: torch.Tensor, ctx: MethodContext) -> torch.Tensor:
+        return imtl_g_weights(gram)
+
+
+# ====================================================================== upgrad
+
+
+def dual_cone_weights(gram: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Weights ``v`` of the projection of ``Σ u_t G_t`` onto the dual cone ``{x: <x, G_t> ≥ 0 ∀t}``.
+
+    By Quinton & Rey (2024, Prop. 1) the projection is ``Σ v_t G_t`` with
+    ``v = argmin_{v ≥ u} vᵀ gram v``; with ``v = u + x`` this is :func:`nnls_gram` with
+    ``h = gram``, ``f = −gram u``. Arrays: ``gram`` ``[K, K]``, ``u`` ``[K]``.
+    """
+    return u + nnls_gram(gram, -(gram @ u))
+
+
+def upgrad_weights(gram: torch.Tensor, pref: torch.Tensor | Sequence[float] | None = None) -> torch.Tensor:
+    """UPGrad (Quinton & Rey 2024; torchjd's default aggregator). ``[K, K] -> [K]``.
+
+    ``G = Σ_i π(p_i G_i)``, with ``π`` the projection onto the dual cone of the task gradients and
+    ``p`` the preference vector (default ``1/K``: mean scale). Each ``π(p_i G_i)`` is a small QP
+    on the Gram (:func:`dual_cone_weights`); the coefficients are the sum of their weights. The
+    result has a non-negative inner product with every task gradient. Zero-gradient tasks are
+    left out (coefficient 0, and ``K`` counts the others).
+    """
+    g = _gram_array(gram, "upgrad")
+    k_all = g.shape[0]
+    sub, idx = _restrict(g)
+    k = idx.size
+    if k == 0:
+        return torch.zeros(k_all, dtype=torch.float64)
+    if pref is None:
+        p = np.full(k, 1.0 / k)
+    else:
+        p_all = np.asarray(pref.detach().cpu().numpy() if isinstance(pref, torch.Tensor) else pref, dtype=np.float64)
+        if p_all.shape != (k_all,) or not np.isfinite(p_all).all() or (p_all < 0).any():
+            raise ValueError(f"upgrad: pref must be {k_all} finite non-negative numbers, got {p_all.tolist()}")
+        p = p_all[idx]
+    total = np.zeros(k)
+    for i in range(k):
+        if p[i] == 0:
+            continue
+        u = np.zeros(k)
+        u[i] = p[i]
+        total += dual_cone_weights(sub, u)
+    return _expand(total, idx, k_all)
+
+
+@register_method("upgrad")
+class UPGrad:
+    """Unconflicting projection of gradients (Quinton & Rey 2024): the mean of every task
+    gradient's projection onto the dual cone. ``pref`` (``{task: weight}``, default ``1/K``)
+    replaces the mean by a weighted sum; tasks missing from ``pref`` get weight 0."""
+
+    def __init__(self, pref: Mapping[str, float] | None = None) -> None:
+        if pref is not None:
+            for name, value in pref.items():
+                if not (math.isfinite(float(value)) and float(value) >= 0):
+                    raise ValueError(f"upgrad: preference {value} for task {name!r} must be finite and >= 0")
+        self.pref = dict(pref) if pref is not None else None
+
+    def __repr__(self) -> str:
+        return f"UPGrad(pref={self.pref!r})"
+
+    def __call__(self, gram: torch.Tensor, ctx: MethodContext) -> torch.Tensor:
+        pref = None if self.pref is None else [float(self.pref.get(t, 0.0)) for t in ctx.tasks]
+        return upgrad_weights(gram, pref)
