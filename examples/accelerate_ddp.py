@@ -11,7 +11,7 @@ Launch (CPU; ``accelerate launch --cpu`` starts one process only, see docs/distr
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/accelerate_ddp.py
 
 Options: ``--no-sync`` runs every micro-step under ``accelerator.no_sync`` (one collective per
-step instead of DDP's plus ours), ``--method normalize``, ``--log diag.jsonl``, ``--steps N``.
+step instead of DDP's plus ours), ``--method normalize``, ``--jsonl diag.jsonl``, ``--steps N``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--method", default="normalize")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--no-sync", action="store_true", help="never let DDP all-reduce; balancedmix does it")
-    parser.add_argument("--log", default=None, help="JSONL file of per-step diagnostics (main process)")
+    parser.add_argument("--jsonl", default=None, help="JSONL file of per-step diagnostics (main process)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tok = build_char_tokenizer()
     model = build_tiny_causal_lm(tok, seed=args.seed)  # same initial weights on every rank
     rng = random.Random(args.seed + 1000 * rank)  # different data on every rank
-    log = JSONLLogger(args.log, overwrite=True) if (args.log and accelerator.is_main_process) else None
+    log = JSONLLogger(args.jsonl, overwrite=True) if (args.jsonl and accelerator.is_main_process) else None
     # build the wrapper after the process group exists: it detects DDP and fixes its buffer layout
     opt = BalancedOptimizer(
         torch.optim.AdamW(model.parameters(), lr=3e-3),

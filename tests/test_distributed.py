@@ -412,7 +412,7 @@ def test_accelerate_ddp_example_runs_with_documented_command(tmp_path: Path) -> 
     out = tmp_path / "diag.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        f"{cmd} --steps 3 --log {out}", shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+        f"{cmd} --steps 3 --jsonl {out}", shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
     )
     import json
 
