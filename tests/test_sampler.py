@@ -98,6 +98,33 @@ def test_structure_and_exact_quotas(sizes, data, b, g, r, m, nb, seed):
             assert math.floor(h * p[t]) <= total[t] <= math.ceil(h * p[t])
 
 
+def quota_violation(weights, b, nb, seed=0):
+    """First batch after which some task's cumulative count leaves [floor(h·p), ceil(h·p)], or None."""
+    names = [f"t{i}" for i in range(len(weights))]
+    rows = [{"task": t} for t in names for _ in range(7)]
+    s = MixtureSampler(rows, weights=dict(zip(names, weights)), prompts_per_batch=b, seed=seed, num_batches=nb)
+    got = Counter()
+    for j, prompts in enumerate(split_batches(list(s), b, 1, 1), start=1):
+        got.update(rows[i]["task"] for i in prompts)
+        for t, w in zip(names, weights):
+            ideal = Fraction(j * b * w, sum(weights))
+            if not math.floor(ideal) <= got[t] <= math.ceil(ideal):
+                return j
+    return None
+
+
+@pytest.mark.parametrize(
+    "weights,b,nb",
+    [
+        ((1, 1, 4), 1, 12),  # Jefferson/D'Hondt without the upper-quota eligibility breaks quota here
+        ((1, 22, 22, 1, 1), 3, 40),  # plain "largest deficit first" breaks quota here (at batch 10)
+        ((3, 5, 7, 11, 13, 17), 4, 60),
+    ],
+)
+def test_quota_on_known_hard_cases(weights, b, nb):
+    assert quota_violation(weights, b, nb) is None
+
+
 @FAST
 @given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=3), b=st.integers(1, 7), nb=st.integers(1, 15),
        seed=st.integers(0, 1000), multinomial=st.booleans())
