@@ -50,7 +50,6 @@ rank with the same message, so a faulty rank never leaves the others waiting.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ __all__ = [
     "FSDP2Sync",
     "detect",
     "canonical_row_keys",
+    "values_agree",
     "SYNC_MODES",
 ]
 
@@ -118,6 +118,16 @@ def _deepspeed_reason(params: Sequence[torch.Tensor], optimizer: Any) -> str | N
     if type(optimizer).__module__.split(".")[0] == "deepspeed":
         return f"the optimizer is a DeepSpeed optimizer ({type(optimizer).__name__})"
     return None
+
+
+def values_agree(total: float, total_sq: float, world_size: int) -> bool:
+    """Whether ``world_size`` non-negative integers ``x_r`` (each < 2**26) were all equal, from ``Σ x_r`` and ``Σ x_r²``.
+
+    ``world · Σ x² − (Σ x)² = world² · Var(x)`` is 0 exactly when all are equal (and ≥ world
+    otherwise, for integers), and float64 holds these sums exactly: one SUM all-reduce checks
+    that every rank holds the same value.
+    """
+    return abs(world_size * total_sq - total * total) < 0.5
 
 
 def canonical_row_keys(num_tasks: int, estimator: str) -> list[tuple]:
@@ -510,7 +520,7 @@ class FSDP2Sync(_Collective):
         counts_g = meta[1 + n_rows : 1 + 2 * n_rows]
         o = 1 + 2 * n_rows
         h, h2, ln, ln2 = (float(x) for x in meta[o : o + 4])
-        if not (math.isclose(h * h, world * h2, rel_tol=1e-12, abs_tol=0.5) and math.isclose(ln * ln, world * ln2, rel_tol=1e-12, abs_tol=0.5)):
+        if not (values_agree(h, h2, world) and values_agree(ln, ln2, world)):
             raise DistributedStateError(
                 "under FSDP2 every rank must run the same task blocks in the same order (the reduce-scatter after each "
                 "micro-step averages the ranks, so a micro-step is attributable only if all ranks ran the same task); "

@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
 
 from balancedmix import BalancedOptimizer, available_methods
 from balancedmix.distributed import (
@@ -30,6 +31,7 @@ from balancedmix.distributed import (
     UnsupportedDistributedError,
     canonical_row_keys,
     detect,
+    values_agree,
 )
 from balancedmix.tasks import TaskError, UnknownTaskError
 from dist_harness import DistributedRunError, run_ranks
@@ -377,6 +379,23 @@ def test_fsdp2_different_schedules_raise_on_every_rank() -> None:
     assert "error" in r0 and r0["error"] == r1["error"] and "same task" in r0["error"]
 
 
+# ----------------------------------------------------------------------------- pure helpers
+@given(st.lists(st.integers(0, 2**26 - 1), min_size=1, max_size=64))
+def test_values_agree_iff_all_equal(xs: list[int]) -> None:
+    total = float(sum(xs))
+    total_sq = float(sum(x * x for x in xs))
+    assert values_agree(total, total_sq, len(xs)) == (len(set(xs)) == 1)
+
+
+@given(st.integers(1, 6), st.sampled_from(["raw", "split"]))
+def test_canonical_rows_cover_every_task_and_half_once(k: int, estimator: str) -> None:
+    keys = canonical_row_keys(k, estimator)
+    halves = 2 if estimator == "split" else 1
+    assert len(keys) == len(set(keys)) == k * halves + 1
+    assert keys[-1] == ("untagged",)
+    assert [key[1] for key in keys[:-1]] == sorted(key[1] for key in keys[:-1])  # registry order
+
+
 # ----------------------------------------------------------------------------- detection (single process)
 def test_single_process_detection_and_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model()
@@ -424,4 +443,3 @@ def test_accelerate_ddp_example_runs_with_documented_command(tmp_path: Path) -> 
         assert rec["grad_norm/add"] > 0 and rec["grad_norm/rev"] > 0
         assert math.isclose(rec["update_share/add"] + rec["update_share/rev"], 1.0, abs_tol=1e-5)
     assert "ranks agree" in proc.stdout, proc.stdout + proc.stderr
-    assert sys.executable  # the command runs under this interpreter's torchrun
