@@ -287,6 +287,15 @@ class _Collective(SyncStrategy):
 
         dist.all_reduce(t, group=self.group)
 
+    def _all_reduce_small(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """All-reduce a small CPU tensor on ``device`` (NCCL reduces CUDA tensors only); returns it on the CPU."""
+        if device.type == "cpu":
+            self._all_reduce(t)
+            return t
+        on_device = t.to(device)
+        self._all_reduce(on_device)
+        return on_device.cpu()
+
     def _raise_collective_errors(self, n_errors: float) -> None:
         """All ranks call this with the same reduced count; if it is > 0 every rank raises the same error."""
         if n_errors <= 0:
@@ -364,10 +373,7 @@ class DDPSync(_Collective):
         has_grad = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], dtype=_FP64)
         fingerprint = torch.zeros(2 * world, dtype=_FP64)
         local_flag = torch.zeros(1, dtype=_FP64)  # 1: p.grad is NOT this rank's local total
-        gsum = torch.zeros((), dtype=_FP64)
-        gsq = torch.zeros((), dtype=_FP64)
-        dot = torch.zeros((), dtype=_FP64)
-        lsq = torch.zeros((), dtype=_FP64)
+        gsum, gsq, dot, lsq = (torch.zeros((), dtype=_FP64, device=data.device) for _ in range(4))
         check_local = self.sync in ("auto", "buffers")
         buffers.zero_unused()  # rows this rank did not fill this step are zeros from here on
         local_total = data.sum(0) if (check_local and rows) else None  # one pass over [R, P]
@@ -390,11 +396,11 @@ class DDPSync(_Collective):
                     local_flag[0] = 1.0
             elif lsq_f > 0 or gsq_f > 0:
                 local_flag[0] = 1.0
-        fingerprint[2 * self.rank] = gsum
-        fingerprint[2 * self.rank + 1] = gsq
+        fingerprint[2 * self.rank] = float(gsum)
+        fingerprint[2 * self.rank + 1] = float(gsq)
         header = self._meta_header(buffers, rows, row_counts)
         meta = torch.cat(header + [has_grad, fingerprint, local_flag])
-        self._all_reduce(meta)
+        meta = self._all_reduce_small(meta, buffers.device)
         n_rows = len(self._keys)
         n_params = len(params)
         self._raise_collective_errors(float(meta[0]))
@@ -487,7 +493,7 @@ class FSDP2Sync(_Collective):
     def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
         n = row_gram.shape[0]
         packed = torch.cat([row_gram.reshape(-1).to(_FP64).cpu(), grad_dots.to(_FP64).cpu(), grad_sq.reshape(1).to(_FP64).cpu()])
-        self._all_reduce(packed)
+        packed = self._all_reduce_small(packed, row_gram.device)
         row_gram.copy_(packed[: n * n].view(n, n))
         grad_dots.copy_(packed[n * n : n * n + n])
         grad_sq.copy_(packed[-1])
@@ -511,7 +517,7 @@ class FSDP2Sync(_Collective):
         mem = torch.zeros(world, dtype=_FP64)
         mem[self.rank] = float(buffers.nbytes)
         meta = torch.cat(header + [sched, mem])
-        self._all_reduce(meta)
+        meta = self._all_reduce_small(meta, buffers.device)
         self._schedule_hash = 0
         self._schedule_len = 0
         self._raise_collective_errors(float(meta[0]))
