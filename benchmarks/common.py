@@ -342,7 +342,8 @@ def render_targets(targets: Sequence[dict[str, Any]]) -> str:
     lines = ["| target | measured | limit | met |", "|---|---|---|---|"]
     for t in targets:
         met = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        val = "—" if t["value"] is None else f"{t['value']:.3f}"
+        v = t["value"]
+        val = "—" if v is None else (f"{v:.3g}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.3f}")
         lines.append(f"| {t['name']} | {val} | {t['kind']} {t['limit']} | {met} |")
     return "\n".join(lines)
 

@@ -237,7 +237,7 @@ def torchjd_available() -> str | None:
 def torchjd_runner(
     spec: ModelSpec, workload: Workload, k: int, aggregator: str = "PCGrad", device: str = "cpu",
     dtype: torch.dtype = torch.float32, seed: int = 0, lr: float = 1e-4, inner: str = "adamw",
-    parallel_chunk_size: int | None = None,
+    parallel_chunk_size: int | None = None, aggregator_options: dict[str, Any] | None = None,
 ) -> Runner:
     """torchjd ``mtl_backward`` (features = logits) + ``jac_to_grad(params, aggregator)``."""
     import torchjd.aggregation as agg_mod
@@ -245,7 +245,12 @@ def torchjd_runner(
 
     s = _Setup(spec, workload, k, device, dtype, seed)
     opt = _inner(s.model, inner, lr)
-    aggregator_obj = getattr(agg_mod, aggregator)()
+    options = dict(aggregator_options or {})
+    if "reg_eps" in options:  # agreement checks: a (near) unregularised dual-cone QP
+        from torchjd.linalg import QuadprogProjector
+
+        options["projector"] = QuadprogProjector(norm_eps=options.pop("norm_eps", 0.0), reg_eps=options.pop("reg_eps"))
+    aggregator_obj = getattr(agg_mod, aggregator)(**options)
 
     def step() -> None:
         for ids, tasks in s.chunks:

@@ -1,0 +1,229 @@
+"""Methods and anchors suite: balancedmix corrections vs the reference implementations.
+
+Same model, same K, same data. For K = 2, 4, 8: the plain step, balancedmix ``pcgrad`` and
+``mgda`` (task-homogeneous micro-batches, one backward each) and the K-backward PCGrad
+reference (mixed chunks, one backward per task with ``retain_graph``, pairwise projections on
+flattened gradients). At K = 4 also balancedmix ``cagrad``/``upgrad``/``imtl_g``/``normalize``,
+torchjd (``mtl_backward`` + ``jac_to_grad`` with its ``PCGrad``/``UPGrad`` aggregators) and
+LibMTL's ``PCGrad`` weighting. Methods not registered in ``balancedmix.available_methods()``
+and anchors that are not installed are listed as skipped.
+
+Agreement: every implementation runs one step with an optimizer that only records the combined
+gradient (no update), all PCGrad implementations forced to the same (identity) task order, and
+the combined updates are compared (relative L2 difference; target 1e-5 where the algorithm is
+the same).
+
+Run directly: ``python benchmarks/methods.py [--quick] [--repeats N] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .common import QUICK_LLAMA, TINY_LLAMA, ModelSpec, Runner, Workload, fmt_ratio, fmt_time, rel_diff, target, time_runners
+from .overhead import FULL_WORKLOAD, QUICK_WORKLOAD
+from .runners import (
+    balanced_runner,
+    fixed_task_order,
+    libmtl_runner,
+    libmtl_version,
+    plain_runner,
+    reference_pcgrad_runner,
+    torchjd_available,
+    torchjd_runner,
+)
+
+__all__ = ["run", "agreement"]
+
+AGREEMENT_TOL = 1e-5
+
+
+def _available() -> tuple[str, ...]:
+    from balancedmix import available_methods
+
+    return tuple(available_methods())
+
+
+def _factories(
+    spec: ModelSpec, workload: Workload, k: int, extended: bool, device: str, dtype: torch.dtype, skipped: list[str], inner: str = "adamw"
+) -> list[tuple[str, Callable[[], Runner]]]:
+    """(key, factory) pairs of every configuration measured at this K."""
+    kw = dict(device=device, dtype=dtype, inner=inner)
+    avail = _available()
+    out: list[tuple[str, Callable[[], Runner]]] = [("plain", lambda: plain_runner(spec, workload, k, **kw))]
+    methods = ["pcgrad", "mgda"] + (["cagrad", "upgrad", "imtl_g", "normalize"] if extended else [])
+    for m in methods:
+        if m in avail:
+            out.append((f"bm:{m}", lambda m=m: balanced_runner(spec, workload, k, m, "raw", **kw)))
+        else:
+            skipped.append(f"balancedmix {m} at K={k}: method not registered (available: {', '.join(avail)})")
+    out.append(("ref:pcgrad", lambda: reference_pcgrad_runner(spec, workload, k, **kw)))
+    if extended:
+        if torchjd_available():
+            for agg in ("PCGrad", "UPGrad"):
+                out.append((f"torchjd:{agg.lower()}", lambda agg=agg: torchjd_runner(spec, workload, k, agg, **kw)))
+        else:
+            skipped.append("torchjd: not installed (pip install -c constraints.txt torchjd)")
+        if libmtl_version():
+            out.append(("libmtl:pcgrad", lambda: libmtl_runner(spec, workload, k, "PCGrad", **kw)))
+        else:
+            skipped.append("LibMTL: not installed (pip install --no-deps -c constraints.txt LibMTL)")
+    return out
+
+
+def agreement(spec: ModelSpec, workload: Workload, k: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
+    """One captured step of each implementation; relative differences of the combined updates."""
+    skipped: list[str] = []
+    captured: dict[str, torch.Tensor] = {}
+    with fixed_task_order():
+        factories = _factories(spec, workload, k, True, device, dtype, skipped, inner="capture")
+        if torchjd_available():  # torchjd regularises the UPGrad QP (reg_eps=1e-4) by default: nearly switch it off
+            factories = [(key, f) for key, f in factories if key != "torchjd:upgrad"] + [(
+                "torchjd:upgrad",
+                lambda: torchjd_runner(spec, workload, k, "UPGrad", device=device, dtype=dtype, inner="capture",
+                                       aggregator_options={"reg_eps": 1e-12, "norm_eps": 0.0}),
+            )]
+        for key, factory in factories:
+            r = factory()
+            r.step()
+            captured[key] = r.optimizer.captured  # type: ignore[attr-defined]
+            r.close()
+    pairs = [
+        ("bm:pcgrad", "ref:pcgrad", "PCGrad: balancedmix vs K-backward reference", True),
+        ("torchjd:pcgrad", "ref:pcgrad", "PCGrad: torchjd vs K-backward reference", True),
+        ("libmtl:pcgrad", "ref:pcgrad", "PCGrad: LibMTL vs K-backward reference", True),
+        ("bm:pcgrad", "torchjd:pcgrad", "PCGrad: balancedmix vs torchjd", True),
+        ("bm:upgrad", "torchjd:upgrad", "UPGrad: balancedmix vs torchjd", True),
+        ("ref:pcgrad", "plain", "PCGrad reference vs plain sum (size of the correction, not an agreement)", False),
+    ]
+    rows = []
+    for a, b, label, same in pairs:
+        if a in captured and b in captured:
+            d = rel_diff(captured[a], captured[b])
+            rows.append({"K": k, "check": label, "rel_diff": d, "same_algorithm": same,
+                         "agrees": (d <= AGREEMENT_TOL) if same else None})
+    return rows
+
+
+def run(
+    quick: bool = False,
+    repeats: int = 5,
+    ks: tuple[int, ...] | None = None,
+    device: str = "cpu",
+    spec: ModelSpec | None = None,
+    dtype: torch.dtype = torch.float32,
+    workload: Workload | None = None,
+    extended_k: int = 4,
+) -> dict[str, Any]:
+    """Run the methods/anchors suite; returns the suite dict."""
+    spec = spec or (QUICK_LLAMA if quick else TINY_LLAMA)
+    workload = workload or (QUICK_WORKLOAD if quick else FULL_WORKLOAD)
+    ks = ks or ((2, 4) if quick else (2, 4, 8))
+    cuda = device.startswith("cuda")
+    skipped: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for k in ks:
+        pairs = _factories(spec, workload, k, k == extended_k, device, dtype, skipped)
+        group = time_runners([f for _, f in pairs], repeats, device=device, interleave=not cuda)
+        for (key, _), r in zip(pairs, group):
+            r["key"] = key
+        base = group[0]["median_s"]
+        ref = next((r["median_s"] for r in group if r["key"] == "ref:pcgrad"), None)
+        for r in group:
+            r["ratio"] = r["median_s"] / base
+            r["speedup_vs_ref"] = (ref / r["median_s"]) if ref else None
+            r["time"] = fmt_time(r["median_s"])
+            r["ratio_s"] = fmt_ratio(r["ratio"])
+            r["ref_s"] = fmt_ratio(r["speedup_vs_ref"])
+        rows += group
+    checks: list[dict[str, Any]] = []
+    check_ks = (2, extended_k) if extended_k in ks else (ks[0],)
+    for k in sorted(set(check_ks)):
+        checks += agreement(spec, workload, k, device=device, dtype=dtype)
+
+    def med(k: int, key: str) -> float | None:
+        return next((r["median_s"] for r in rows if r["K"] == k and r["key"] == key), None)
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b is not None else None
+
+    targets = []
+    kt = extended_k if extended_k in ks else ks[0]
+    targets.append(target(f"reference PCGrad ÷ balancedmix pcgrad, K={kt}", div(med(kt, "ref:pcgrad"), med(kt, "bm:pcgrad")), 3.5, ">="))
+    targets.append(target(f"torchjd PCGrad ÷ balancedmix pcgrad, K={kt}", div(med(kt, "torchjd:pcgrad"), med(kt, "bm:pcgrad")), 2.0, ">="))
+    targets.append(target(f"torchjd UPGrad ÷ balancedmix upgrad, K={kt}", div(med(kt, "torchjd:upgrad"), med(kt, "bm:upgrad")), 2.0, ">="))
+    targets.append(target(f"LibMTL PCGrad ÷ balancedmix pcgrad, K={kt}", div(med(kt, "libmtl:pcgrad"), med(kt, "bm:pcgrad")), 2.0, ">="))
+    for k in ks:
+        targets.append(target(f"reference ÷ balancedmix pcgrad ≥ 0.8·K, K={k}", div(med(k, "ref:pcgrad"), med(k, "bm:pcgrad")), 0.8 * k, ">="))
+    for k in ks:
+        targets.append(target(f"balancedmix pcgrad ÷ plain, K={k}", div(med(k, "bm:pcgrad"), med(k, "plain")), 1.05))
+    for c in checks:
+        if c["same_algorithm"]:
+            targets.append(target(f"agreement (rel. diff) K={c['K']}: {c['check']}", c["rel_diff"], AGREEMENT_TOL))
+    versions = {"torchjd": torchjd_available(), "LibMTL": libmtl_version()}
+    notes = [
+        f"model {spec.name} (P = {rows[0]['P']:,}) on {device}, {workload.num_microbatches} micro-batches of "
+        f"{workload.batch}×{workload.seq} tokens per step, AdamW; median of {repeats} timed steps after 1 warm-up, "
+        + ("interleaved per K group" if not cuda else "one configuration after another"),
+        f"anchor versions: torchjd {versions['torchjd']}, LibMTL {versions['LibMTL']} (installed with --no-deps; only "
+        "its weighting modules are imported — LibMTL/__init__ needs torchvision)",
+        "balancedmix: one backward per task-homogeneous micro-batch, the correction computed from the K×K Gram of the "
+        "task buffers; reference and torchjd: the same samples regrouped into M mixed chunks (one forward each, then "
+        "one backward per task present, resp. one vmapped backward over the K task losses); LibMTL: one forward of "
+        "the whole step batch and K backward passes (its API has no gradient accumulation)",
+        "agreement checks: one step with a gradient-recording optimizer, all PCGrad implementations forced to the "
+        "identity task order (their random orders differ otherwise); MGDA is not compared (torchjd and LibMTL solve it "
+        "approximately with Frank–Wolfe, balancedmix exactly)",
+    ]
+    columns = [("K", "K"), ("configuration", "name"), ("median step", "time"), ("× plain", "ratio_s"), ("reference ÷ this", "ref_s")]
+    return {
+        "suite": "methods",
+        "device": device,
+        "model": spec.name,
+        "versions": versions,
+        "rows": rows,
+        "agreement": checks,
+        "tables": [
+            {"caption": "Time per training step: balancedmix corrections vs the anchors", "columns": columns, "rows": rows},
+            {"caption": "Agreement of the combined update (relative L2 difference, one step, same task order)",
+             "columns": [("K", "K"), ("check", "check"), ("rel. diff", "rel_diff"), ("same algorithm", "same_algorithm"), ("agrees (≤ 1e-5)", "agrees")],
+             "rows": checks},
+        ],
+        "targets": targets,
+        "notes": notes,
+        "skipped": sorted(set(skipped)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    from .common import machine_info, render_suite, write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default="benchmarks/results/methods")
+    args = parser.parse_args(argv)
+    suite = run(quick=args.quick, repeats=args.repeats or (2 if args.quick else 5))
+    out = Path(args.out)
+    write_json(out / "methods.json", {"machine": machine_info(), "methods": suite})
+    text = render_suite("Methods vs anchors (CPU)", suite)
+    (out / "methods.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
