@@ -257,7 +257,6 @@ class _Collective(SyncStrategy):
         self.group = group
         self._errors: list[tuple[str, str]] = []  # (exception class name, message) on this rank
         self._keys: list[tuple] = []
-        self._row_index: dict[tuple, int] = {}
 
     def setup(self, buffers: FlatBuffers, num_tasks: int, declared: bool, estimator: str) -> None:
         if not declared:
@@ -267,11 +266,10 @@ class _Collective(SyncStrategy):
             )
         if buffers.keys:
             raise RuntimeError("the task buffers were allocated before the distributed layout was fixed")
-        self._keys = canonical_row_keys(num_tasks, estimator)
-        buffers.reserve(self._keys)
-        self._row_index = {k: buffers.index(k) for k in self._keys}
-        if [buffers.index(k) for k in self._keys] != list(range(len(self._keys))):
-            raise RuntimeError("buffer rows are not in the canonical order")  # pragma: no cover
+        buffers.reserve(canonical_row_keys(num_tasks, estimator))
+        # every row exists from here on (no allocation moves rows later), in an order that is a
+        # function of the keys alone: the same layout on every rank
+        self._keys = list(buffers.keys)
 
     def half(self, count: int) -> int:
         # alternate the halves across ranks too, so a task seen once on each of two ranks still
