@@ -13,7 +13,8 @@ receive (a parameter without gradient in that task's backward).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -28,8 +29,16 @@ class FlatBuffers:
         dtype: storage dtype (float32: sums of bf16 micro-batch gradients stay accurate).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        order: Callable[[RowKey], Any] | None = None,
+    ) -> None:
         self.params = list(params)
+        # Rows are kept sorted by ``order(key)`` whatever the order of first use, so that every
+        # reduction over rows runs in the same order in a resumed run as in the original one.
+        self.order = order
         self.dtype = dtype
         self.numels = [p.numel() for p in self.params]
         self.offsets = [0]
@@ -50,7 +59,11 @@ class FlatBuffers:
 
     # ---------------------------------------------------------------- rows
     def row(self, key: RowKey) -> int:
-        """Row index of ``key``, allocating a zeroed row on first use."""
+        """Row index of ``key``, allocating a zeroed row on first use.
+
+        An allocation may move existing rows (to keep the ``order``): row indices are valid only
+        until the next allocation.
+        """
         idx = self._row_of.get(key)
         if idx is None:
             idx = self._allocate([key])[0]
@@ -63,19 +76,27 @@ class FlatBuffers:
             self._allocate(new)
 
     def _allocate(self, keys: Sequence[RowKey]) -> list[int]:
+        old_keys = self.keys
+        new_keys = list(old_keys) + list(keys)
+        if self.order is not None:
+            new_keys.sort(key=self.order)
+        position = {key: r for r, key in enumerate(new_keys)}
+        remap = [position[key] for key in old_keys]  # old row index -> new row index
         old = self.data
-        data = torch.zeros(old.shape[0] + len(keys), self.numel, dtype=self.dtype, device=self.device)
-        if old.shape[0]:
-            data[: old.shape[0]].copy_(old)
+        data = torch.zeros(len(new_keys), self.numel, dtype=self.dtype, device=self.device)
+        if remap:
+            data[torch.tensor(remap, device=self.device)] = old
+        written: list[list[bool]] = [[False] * len(self.params) for _ in new_keys]
+        for r_old, r_new in enumerate(remap):
+            written[r_new] = self._written[r_old]
         self.data = data
-        out = []
-        for key in keys:
-            self._row_of[key] = len(self.keys)
-            out.append(len(self.keys))
-            self.keys.append(key)
-            self._written.append([False] * len(self.params))
+        self.keys = new_keys
+        self._row_of = position
+        self._written = written
+        self.used = {remap[r] for r in self.used}
+        self.dirty = {remap[r] for r in self.dirty}
         self._views = [self._row_views(r) for r in range(len(self.keys))]
-        return out
+        return [position[key] for key in keys]
 
     def _row_views(self, r: int) -> list[torch.Tensor]:
         row = self.data[r]

@@ -48,6 +48,11 @@ _DISCARD = -1
 UNTAGGED = "untagged"
 
 
+def _row_order(key: tuple) -> tuple:
+    """Canonical buffer row order: tasks by registry index (then half), untagged last."""
+    return (math.inf, 0) if key == _UNTAGGED else (key[1], key[2])
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A task's gradient holds NaN or Inf (``nonfinite="error"``). ``tasks`` names them."""
 
@@ -201,7 +206,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             self._params.append(p)
             if self._dist.uses_hooks:
                 self._hooks.append(p.register_hook(self._make_hook(index)))
-        self.buffers = FlatBuffers([self._dist.local(p) for p in self._params])
+        self.buffers = FlatBuffers([self._dist.local(p) for p in self._params], order=_row_order)
         self._dist.setup(self.buffers, len(self.registry), self.registry.declared, self.estimator)
 
     def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
@@ -220,6 +225,16 @@ class BalancedOptimizer(torch.optim.Optimizer):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def _row_for(self, key: tuple) -> int:
+        """Row of ``key``; a new row may move others (canonical order): re-key the row counts."""
+        buf = self.buffers
+        if buf.has(key):
+            return buf.index(key)
+        by_key = {buf.keys[r]: c for r, c in self._row_counts.items()}
+        row = buf.row(key)
+        self._row_counts = {buf.index(k): c for k, c in by_key.items()}
+        return row
 
     def _row_key(self, task_index: int, microbatch: int) -> tuple:
         half = self._dist.half(microbatch) if self.estimator == "split" else 0
@@ -252,7 +267,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             row = _DISCARD
         else:
             count = self._microbatches.get(index, 0)
-            row = self.buffers.row(self._row_key(index, count))
+            row = self._row_for(self._row_key(index, count))
             self._microbatches[index] = count + 1
             self._row_counts[row] = self._row_counts.get(row, 0) + 1
         self._active_row = row
@@ -363,15 +378,22 @@ class BalancedOptimizer(torch.optim.Optimizer):
             return True
         n = len(buf.keys)
         data = buf.data
-        row_gram = (data @ data.T).to(torch.float64)  # [n, n], all allocated rows
-        grad_dots = torch.zeros(n, dtype=torch.float64, device=data.device)
-        grad_sq = torch.zeros((), dtype=torch.float64, device=data.device)
+        # One pass over the buffer, parameter by parameter: the slice's Gram and its dot products
+        # with p.grad are computed back to back, so the second read of the slice hits the cache.
+        row_gram = torch.zeros(n, n, dtype=buf.dtype, device=data.device)  # [n, n], all allocated rows
+        grad_dots = torch.zeros(n, dtype=buf.dtype, device=data.device)
+        grad_sq = torch.zeros((), dtype=buf.dtype, device=data.device)
         for i, p in enumerate(self._params):
+            block = data[:, buf.slice(i)]
+            row_gram.addmm_(block, block.T)
             if p.grad is None:
                 continue
             g = self._dist.local(p.grad).reshape(-1).to(buf.dtype)
-            grad_dots += (data[:, buf.slice(i)] @ g).to(torch.float64)
-            grad_sq += torch.dot(g, g).to(torch.float64)
+            grad_dots.addmv_(block, g)
+            grad_sq += torch.dot(g, g)
+        row_gram = row_gram.to(torch.float64)
+        grad_dots = grad_dots.to(torch.float64)
+        grad_sq = grad_sq.to(torch.float64)
         self._dist.reduce_stats(row_gram, grad_dots, grad_sq)  # FSDP2: sums of local shard products
         row_gram = row_gram.cpu()
         grad_dots = grad_dots.cpu()
@@ -451,7 +473,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             grad = self._dist.local(p.grad)  # FSDP2: the local shard (shares p.grad's storage)
-            upd = (buf.data[:, buf.slice(i)].T @ w).view_as(grad)
+            block = buf.data[:, buf.slice(i)]
+            if not rebuild and grad.dtype == buf.dtype and grad.is_contiguous():
+                grad.view(-1).addmv_(block.T, w)  # in place, no temporary of the parameter's size
+                continue
+            upd = (block.T @ w).view_as(grad)
             if rebuild:
                 grad.copy_(upd)
             else:
