@@ -1,0 +1,159 @@
+"""``python -m benchmarks run [--suite cpu|gpu|all] [--out DIR] [--quick] [--repeats N] [--only NAMES] [--update-docs]``.
+
+Writes ``DIR/results.json`` (machine, every suite's rows, targets, notes) and ``DIR/results.md``
+(the markdown tables that ``docs/benchmarks.md`` includes; ``--update-docs`` copies them between
+the result markers of that page). The gpu suite runs the same measurements on ``cuda`` with a
+random-init model of Qwen2.5-0.5B's shape in bf16; without a CUDA device its rows are skipped
+and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import common
+
+CPU_SUITES = ("overhead", "methods", "floor", "scaling", "grpo", "ddp")
+GPU_SUITES = ("overhead", "methods", "floor", "scaling")
+TITLES = {
+    "overhead": "Overhead: plain AdamW vs BalancedOptimizer (sum)",
+    "methods": "Corrections vs the anchors (reference PCGrad, torchjd, LibMTL)",
+    "floor": "Step-cost floor and scaling in P",
+    "scaling": "Scaling in K",
+    "grpo": "GRPO step",
+    "ddp": "Distributed (DDP, 2 processes)",
+}
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+
+def run_cpu_suite(name: str, quick: bool, repeats: int) -> dict[str, Any]:
+    if name == "overhead":
+        from .overhead import run
+    elif name == "methods":
+        from .methods import run
+    elif name == "floor":
+        from .floor import run
+    elif name == "scaling":
+        from .scaling import run
+    elif name == "grpo":
+        from .grpo import run
+    elif name == "ddp":
+        from .ddp import run
+    else:
+        raise ValueError(f"unknown suite {name!r}; choose from {', '.join(CPU_SUITES)}")
+    return run(quick=quick, repeats=repeats)
+
+
+def run_gpu_suite(name: str, quick: bool, repeats: int) -> dict[str, Any]:
+    """The GPU variant of a suite, or a skipped entry when no CUDA device is present."""
+    if not torch.cuda.is_available():
+        return {"suite": name, "device": "cuda", "rows": [], "tables": [], "targets": [], "notes": [],
+                "skipped": [f"{name}: no CUDA device on this machine (torch.cuda.is_available() is False); GPU rows skipped"]}
+    from .common import QUICK_LLAMA, QWEN_05B, Workload
+
+    spec = QUICK_LLAMA if quick else QWEN_05B
+    workload = Workload(4, 2, 32) if quick else Workload(8, 2, 512)
+    kw: dict[str, Any] = dict(quick=quick, repeats=repeats, device="cuda", spec=spec, dtype=torch.bfloat16, workload=workload)
+    if name == "overhead":
+        from .overhead import run
+
+        return run(**kw)
+    if name == "methods":
+        from .methods import run
+
+        return run(**kw, ks=(2, 4) if quick else (2, 4, 8))
+    if name == "floor":
+        from .floor import run
+
+        return run(quick=quick, repeats=repeats, device="cuda")
+    if name == "scaling":
+        from .scaling import run
+
+        return run(**{**kw, "workload": Workload(4, 1, 32) if quick else Workload(16, 1, 512)})
+    raise ValueError(f"unknown gpu suite {name!r}; choose from {', '.join(GPU_SUITES)}")
+
+
+def render(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    gpu = m.get("gpu")
+    lines = [
+        f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m.get('mem_total_gib', '?')} GiB), torch {m['torch']}, "
+        f"{m['torch_threads']} threads" + (f", GPU {gpu['name']} ({gpu['memory_gib']} GiB)" if gpu else ", no GPU")
+        + f"; load average at start {m.get('load_average')}; command `{results['command']}`; "
+        f"{results['elapsed_s']:.0f} s.",
+        "",
+    ]
+    for group in ("cpu", "gpu"):
+        for name, suite in results["suites"].get(group, {}).items():
+            lines.append(common.render_suite(f"{TITLES.get(name, name)} ({group.upper()})", suite))
+    return "\n".join(lines)
+
+
+def update_docs(markdown: str, suite: str, path: Path = DOCS) -> None:
+    """Replace the text between ``<!-- results:SUITE:begin -->`` and ``...:end -->`` in ``path``."""
+    begin, end = f"<!-- results:{suite}:begin -->", f"<!-- results:{suite}:end -->"
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} has no {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{markdown.rstrip()}\n{end}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run benchmark suites and write results.json / results.md")
+    p.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu")
+    p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<suite>)")
+    p.add_argument("--quick", action="store_true", help="toy sizes, for a smoke run (seconds to minutes)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 5; quick 1)")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CPU_SUITES)}")
+    p.add_argument("--update-docs", action="store_true", help="copy the tables into docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    repeats = args.repeats or (1 if args.quick else 5)
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+    only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+    if only:
+        unknown = sorted(set(only) - set(CPU_SUITES))
+        if unknown:
+            parser.error(f"unknown suite(s) {unknown}; choose from {', '.join(CPU_SUITES)}")
+    groups = ("cpu", "gpu") if args.suite == "all" else (args.suite,)
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / args.suite
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {"machine": common.machine_info(), "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+                               "quick": args.quick, "repeats": repeats, "suites": {}}
+    for group in groups:
+        names = CPU_SUITES if group == "cpu" else GPU_SUITES
+        results["suites"][group] = {}
+        for name in names:
+            if only and name not in only:
+                continue
+            t = time.perf_counter()
+            suite = run_cpu_suite(name, args.quick, repeats) if group == "cpu" else run_gpu_suite(name, args.quick, repeats)
+            suite["elapsed_s"] = time.perf_counter() - t
+            results["suites"][group][name] = suite
+            print(f"[benchmarks] {group}/{name}: {suite['elapsed_s']:.1f} s", file=sys.stderr, flush=True)
+    results["elapsed_s"] = time.perf_counter() - t0
+    md = render(results)
+    common.write_json(out / "results.json", results)
+    (out / "results.md").write_text(md)
+    if args.update_docs:
+        update_docs(md, args.suite)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
