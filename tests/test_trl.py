@@ -424,3 +424,66 @@ def test_task_ids_survive_shuffle_and_split(tok, tmp_path):
             assert prompt_to_task[p] == trainer.task_registry.name(t)
         assert TASK_REWARDS_KEY in mb
     assert sum(len(mb[TASK_IDS_KEY]) for mb in buffered) == 16
+
+
+# ---------------------------------------------------------------------------------- mixture schedule
+def test_schedule_uses_mixture_sampler_and_receives_metrics(tok, tmp_path):
+    from balancedmix import schedules
+    from balancedmix.sampler import MixtureSampler
+
+    class Recording(schedules.Fixed):
+        def __init__(self, weights):
+            super().__init__(weights)
+            self.seen = []
+
+        def update(self, metrics):
+            self.seen.append(dict(metrics))
+
+    weights = {"add": 3.0, "copy": 1.0, "rev": 0.0}
+    schedule = Recording(weights)
+    log_dir = tmp_path / "logs"
+    trainer = make_trainer(
+        BalancedGRPOTrainer, tok, tmp_path, max_steps=3, balanced=BalancedConfig(method="sum", schedule=schedule, log_dir=str(log_dir))
+    )
+    trainer.train()
+    assert isinstance(trainer.mixture_sampler, MixtureSampler)
+    records = read_jsonl(log_dir / "metrics.jsonl")
+    # the same sampler, rebuilt: its batches are the composition the log must show
+    ref = MixtureSampler(
+        trainer.train_dataset, task_key="task", weights=weights, prompts_per_batch=trainer.args.generation_batch_size // 4,
+        num_generations=4, repeat_count=trainer.args.steps_per_generation, seed=0, tasks=list(TASKS),
+    )
+    indices = list(iter(ref))
+    task_col = trainer.train_dataset["task"]
+    for j, rec in enumerate(records):
+        chunk = indices[j * ref.batch_length : j * ref.batch_length + trainer.args.generation_batch_size]
+        expected = Counter(task_col[i] for i in chunk)
+        assert expected["rev"] == 0 and expected["add"] == 3 * expected["copy"]
+        for task in TASKS:
+            assert rec[f"num_samples/{task}"] == expected.get(task, 0)
+        assert rec["mixture/weight/add"] == pytest.approx(0.75)
+    # the callback fed the schedule one record per step, with diagnostics and reward means
+    assert len(schedule.seen) == 3
+    assert all("update_share/add" in m and "reward/add/mean" in m and "reward/rev/mean" not in m for m in schedule.seen)
+    assert schedule.seen[-1]["reward/add/mean"] == records[-1]["reward/add/mean"]
+
+
+# ---------------------------------------------------------------------------------- example script
+@pytest.mark.slow
+def test_example_script_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "grpo_multitask.py"
+    spec = importlib.util.spec_from_file_location("grpo_multitask", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "run"
+    last = module.main(["--steps", "3", "--output-dir", str(out), "--prompts-per-step", "6"])
+    records = read_jsonl(out / "metrics.jsonl")
+    assert len(records) == 3
+    assert set(k for k in last if k.startswith("coef/")) <= {f"coef/{t}" for t in module.TASK_SIZES}
+    assert any(k.startswith("mixture/weight/") for k in records[-1])
+    base = module.main(["--steps", "2", "--output-dir", str(tmp_path / "base"), "--baseline", "--prompts-per-step", "6"])
+    assert all(base[k] == 1.0 for k in base if k.startswith("coef/"))
+    module.main(["--steps", "1", "--output-dir", str(tmp_path / "plain"), "--plain", "--prompts-per-step", "6"])

@@ -233,7 +233,9 @@ class BalancedGRPOMixin:
 
     Public attributes after construction: ``balanced`` (the config), ``task_registry``
     (task name ↔ index), ``balanced_optimizer`` (the :class:`BalancedOptimizer`, once
-    ``train()`` has built it), ``last_balanced_metrics`` (the last step's JSONL record).
+    ``train()`` has built it), ``mixture_sampler`` (the :class:`~balancedmix.sampler.MixtureSampler`
+    when a schedule is set, once the dataloader is built), ``last_balanced_metrics`` (the last
+    step's JSONL record), ``metrics_path``.
     """
 
     def __init__(self, *args: Any, balanced: BalancedConfig | None = None, optimizer_cls_and_kwargs: Any = None, **kwargs: Any) -> None:
@@ -245,6 +247,7 @@ class BalancedGRPOMixin:
             config = dataclasses.replace(config, **overrides)
         self.balanced = config
         self.balanced_optimizer: BalancedOptimizer | None = None
+        self.mixture_sampler: Any = None
         self.last_balanced_metrics: dict[str, float] | None = None
         self._bm_stack: contextlib.ExitStack | None = None
         self._bm_segments: list[tuple[str, int, int]] | None = None
@@ -362,7 +365,7 @@ class BalancedGRPOMixin:
 
         if dataset is None:
             dataset = self.train_dataset
-        return MixtureSampler(
+        self.mixture_sampler = MixtureSampler(
             dataset,
             task_key=self.balanced.task_key,
             weights=schedule,
@@ -372,6 +375,7 @@ class BalancedGRPOMixin:
             seed=self.args.seed,
             tasks=list(self.task_registry.names),
         )
+        return self.mixture_sampler
 
     # ------------------------------------------------------------------ labels and rewards
     def _calculate_rewards(self, inputs: Any, prompts: Any, completions: Any, completion_ids_list: Any) -> torch.Tensor:
@@ -607,6 +611,8 @@ class BalancedGRPOMixin:
         """``BalancedOptimizer.on_step``: push the step's figures into the trainer's metrics and the JSONL."""
         metrics = {k: v for k, v in diagnostics.items() if k != "step"}
         metrics.update(self._bm_task_metrics())
+        if self.mixture_sampler is not None:
+            metrics.update(self.mixture_sampler.metrics())
         sink = self._metrics["train"]
         for key, value in metrics.items():
             sink[key].append(float(value))
