@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(out / "results.json", results)
     (out / "results.md").write_text(md)
     if args.update_docs:
-        update_docs(md, args.suite)
+        for group in groups:
+            update_docs(render({**results, "suites": {group: results["suites"][group]}}), group)
     print(md)
     return 0
 
