@@ -689,13 +689,17 @@ def upgrad_weights(gram: torch.Tensor, pref: torch.Tensor | Sequence[float] | No
         if p_all.shape != (k_all,) or not np.isfinite(p_all).all() or (p_all < 0).any():
             raise ValueError(f"upgrad: pref must be {k_all} finite non-negative numbers, got {p_all.tolist()}")
         p = p_all[idx]
+    # The dual cone of {G_t} is that of the unit gradients {G_t/||G_t||}: solving on the unit
+    # Gram keeps a tiny task's constraint <x, G_t> >= 0 as binding as a large one's.
+    n = np.sqrt(np.diagonal(sub))
+    unit = sub / np.outer(n, n)
     total = np.zeros(k)
     for i in range(k):
         if p[i] == 0:
             continue
         u = np.zeros(k)
-        u[i] = p[i]
-        total += dual_cone_weights(sub, u)
+        u[i] = p[i] * n[i]
+        total += dual_cone_weights(unit, u) / n
     return _expand(total, idx, k_all)
 
 
