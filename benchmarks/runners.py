@@ -354,6 +354,9 @@ def libmtl_runner(
         finally:
             py_rng.setstate(random.getstate())
             random.setstate(state)
+        for p in s.params:  # LibMTL writes float32 gradients (its [K, P] matrix's dtype) into p.grad
+            if p.grad is not None and p.grad.dtype != p.dtype:
+                p.grad = p.grad.to(p.dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
