@@ -52,6 +52,7 @@ __all__ = [
     "spearman",
     "norm_ratio_series",
     "sqnorm_ratio",
+    "zero_gradient_tasks",
     "task_gradient_table",
     "cosine_matrix",
     "reward_learning_gain",
@@ -321,13 +322,31 @@ def _mean_sqnorms(run: Run, unbiased: bool) -> dict[str, float]:
     return {t: _nanmean(run.series(f"grad_norm/{t}") ** 2) for t in run.tasks}
 
 
+def zero_gradient_tasks(run: Run) -> list[str]:
+    """Tasks whose gradient norm is exactly 0 at every logged step.
+
+    In GRPO this happens when every completion of every group of the task gets the same reward
+    (no advantage): the task contributes nothing to the update. Such tasks are left out of the
+    ratios (a ratio to 0 says nothing) and named in the report.
+    """
+    out = []
+    for t in run.tasks:
+        g = run.series(f"grad_norm/{t}")
+        g = g[np.isfinite(g)]
+        if len(g) and not np.any(g != 0):
+            out.append(t)
+    return out
+
+
 def sqnorm_ratio(run: Run, unbiased: bool = False) -> tuple[float, str, str]:
     """``(ratio, largest task, smallest task)`` of mean squared gradient norms over the run.
 
-    NaN ratio when fewer than two tasks have a finite mean, or the smallest mean is ≤ 0 (the
-    unbiased estimate can be, when a task's gradient is pure noise).
+    Tasks of :func:`zero_gradient_tasks` are left out. NaN ratio when fewer than two tasks
+    have a finite mean, or the smallest mean is ≤ 0 (the unbiased estimate can be, when a
+    task's gradient is pure noise).
     """
-    means = {t: v for t, v in _mean_sqnorms(run, unbiased).items() if math.isfinite(v)}
+    zero = set(zero_gradient_tasks(run))
+    means = {t: v for t, v in _mean_sqnorms(run, unbiased).items() if math.isfinite(v) and t not in zero}
     if len(means) < 2:
         return float("nan"), "", ""
     hi = max(means, key=means.__getitem__)
@@ -473,7 +492,7 @@ def comparison_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
     Keys: ``run``, ``method``, ``steps``, ``acc/<task>`` (final held-out accuracy, NaN without
     evals), ``mean acc``, ``worst task``, ``worst acc``, ``‖g‖² ratio`` (raw squared-norm ratio),
     ``‖g‖² ratio unbiased``, ``share ratio`` (max/min mean update share over tasks, NaN when a
-    mean share is ≤ 0), ``s/step``.
+    mean share is ≤ 0; tasks of :func:`zero_gradient_tasks` left out), ``s/step``.
     """
     tasks: list[str] = []
     for run in runs:
@@ -491,7 +510,8 @@ def comparison_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
         row["worst acc"] = finite.get(worst, float("nan"))
         row["‖g‖² ratio"] = sqnorm_ratio(run)[0]
         row["‖g‖² ratio unbiased"] = sqnorm_ratio(run, unbiased=True)[0]
-        shares = [_nanmean(run.series(f"update_share/{t}")) for t in run.tasks]
+        zero = set(zero_gradient_tasks(run))
+        shares = [_nanmean(run.series(f"update_share/{t}")) for t in run.tasks if t not in zero]
         shares = [s for s in shares if math.isfinite(s)]
         row["share ratio"] = max(shares) / min(shares) if len(shares) >= 2 and min(shares) > 0 else float("nan")
         row["s/step"] = run.time_per_step()
@@ -705,6 +725,13 @@ def _findings(runs: Sequence[Run], strong: float) -> list[str]:
     """Plain statements about what the data show, including disagreements with the paper."""
     base = _baseline(runs)
     lines: list[str] = []
+    zero = zero_gradient_tasks(base)
+    if zero:
+        lines.append(
+            f"**No gradient at all.** In `{base.name}`, task(s) {', '.join(f'`{t}`' for t in zero)} had a zero gradient at every "
+            "step: every completion of each of their groups got the same reward, so GRPO's advantages were 0. They are "
+            "left out of the ratios below; a sparse-reward task the model cannot solve yet gets no signal at all."
+        )
     ratio, hi, lo = sqnorm_ratio(base)
     if math.isfinite(ratio):
         lines.append(
@@ -780,15 +807,17 @@ def _findings(runs: Sequence[Run], strong: float) -> list[str]:
             if run is base:
                 continue
             r = table[run.name]
+            parts = []
             if math.isfinite(r["mean acc"]) and math.isfinite(b["mean acc"]):
                 d_mean = r["mean acc"] - b["mean acc"]
                 d_worst = r["worst acc"] - b["worst acc"]
-                lines.append(
-                    f"**`{run.name}` vs `{base.name}`.** Mean held-out accuracy {r['mean acc']:.3f} ({d_mean:+.3f}), "
-                    f"worst task `{r['worst task']}` {r['worst acc']:.3f} ({d_worst:+.3f}); update-share ratio "
-                    f"{_fmt(r['share ratio'], 2)} vs {_fmt(b['share ratio'], 2)}; {_fmt(r['s/step'], 3)} s/step vs "
-                    f"{_fmt(b['s/step'], 3)}."
+                parts.append(
+                    f"mean held-out accuracy {r['mean acc']:.3f} ({d_mean:+.3f}), worst task `{r['worst task']}` "
+                    f"{r['worst acc']:.3f} ({d_worst:+.3f})"
                 )
+            parts.append(f"update-share ratio {_fmt(r['share ratio'], 2)} vs {_fmt(b['share ratio'], 2)}")
+            parts.append(f"{_fmt(r['s/step'], 3)} s/step vs {_fmt(b['s/step'], 3)}")
+            lines.append(f"**`{run.name}` vs `{base.name}`.** " + "; ".join(parts) + ".")
     n_eval = base.meta.get("eval_rows_per_task")
     caveat = (
         f"**Caveats.** {len(base.steps)} optimizer steps, one seed"

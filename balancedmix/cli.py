@@ -1,4 +1,12 @@
-"""Command line: ``balancedmix demo`` (the main job) and ``balancedmix report``."""
+"""Command line: ``balancedmix demo`` (the main job) and ``balancedmix report``.
+
+``balancedmix demo``: a tiny causal LM, a synthetic 4-task suite with verifiable rewards, a short
+supervised warm start, then GRPO runs (baseline ``sum`` and corrected variants, all from the same
+warm start) through ``BalancedGRPOTrainer``, and a report comparing them.
+
+``balancedmix report RUN_DIR...``: the same report for any balancedmix runs (folders holding a
+``metrics.jsonl``, or the JSONL files themselves).
+"""
 
 from __future__ import annotations
 
@@ -6,32 +14,102 @@ import argparse
 import logging
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("balancedmix")
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise argparse.ArgumentTypeError("--methods needs at least one method, e.g. sum,normalize")
+    return methods
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo.measure import run_measurement
+    from .demo.run import run_demo
 
-    run_measurement(steps=args.steps, method=args.method, out=args.out, seed=args.seed)
+    preset = "quick" if args.quick else args.preset
+    path = run_demo(
+        out=args.out,
+        methods=args.methods,
+        schedule=args.schedule,
+        steps=args.steps,
+        seed=args.seed,
+        preset=preset,
+        progress=not args.no_progress,
+    )
+    logger.info("report: %s", path)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .analysis import load_runs, write_report
+
+    path = write_report(load_runs(args.runs), args.out, title=args.title)
+    logger.info("report: %s", path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="balancedmix", description=__doc__)
+    parser = argparse.ArgumentParser(prog="balancedmix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="measure per-task gradients on a tiny model and synthetic tasks")
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--method", default="sum")
-    demo.add_argument("--out", default="demo_out")
+
+    demo = sub.add_parser(
+        "demo",
+        help="baseline vs corrected GRPO runs on a tiny model and synthetic tasks, then a report",
+        description="Warm-start a tiny LM on 4 synthetic tasks, run GRPO with each method from the same "
+        "checkpoint, and write OUT/<run>/metrics.jsonl, OUT/report.md and PNG plots.",
+    )
+    demo.add_argument("--methods", type=_methods, default=["sum", "normalize", "pcgrad"], help="comma-separated balancedmix methods, baseline first (default: sum,normalize,pcgrad)")
+    demo.add_argument(
+        "--schedule",
+        default=None,
+        help="also run method=sum with this task-mixture schedule: gradient_share | learning_progress | worst_task | "
+        "temperature:TAU | size | fixed:TASK=W,...",
+    )
+    demo.add_argument("--steps", type=_positive, default=None, help="GRPO optimizer steps per run (default: the preset's)")
+    demo.add_argument("--out", default="balancedmix_demo", help="output folder (default: balancedmix_demo)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--preset", choices=["quick", "default", "gpu"], default="default", help="sizes: quick (CI, ~1-2 min on 2 cores), default (a few minutes), gpu (bigger model, CUDA)")
+    demo.add_argument("--quick", action="store_true", help="same as --preset quick")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
+
+    report = sub.add_parser(
+        "report",
+        help="the analyses and plots of one or more balancedmix runs",
+        description="Read each RUN (a folder with metrics.jsonl [+ eval.jsonl, run.json], or a .jsonl file) and "
+        "write OUT/report.md with tables and PNG plots. The first run with method 'sum' is the baseline.",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run folders or metrics .jsonl files")
+    report.add_argument("--out", default="balancedmix_report", help="output folder (default: balancedmix_report)")
+    report.add_argument("--title", default="balancedmix report")
+    report.set_defaults(func=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 on bad input, with the reason on stderr)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, ValueError) as err:
+        logger.debug("failed", exc_info=True)
+        sys.stderr.write(f"balancedmix {args.command}: error: {err}\n")
+        return 2
 
 
 if __name__ == "__main__":

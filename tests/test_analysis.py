@@ -352,3 +352,17 @@ def test_report_without_evals_or_statistics(tmp_path):
     assert "no strong imbalance" in text
     assert "_(no reward/advantage/length statistics logged)_" in text
     assert not (tmp_path / "out" / "accuracy.png").exists()
+
+
+def test_zero_gradient_task_left_out_of_ratios_and_named(tmp_path):
+    recs = [
+        {"step": s, "grad_norm/a": 2.0, "grad_norm/b": 1.0, "grad_norm/z": 0.0, "update_share/a": 0.8, "update_share/b": 0.2, "update_share/z": 0.0}
+        for s in range(6)
+    ]
+    run = A.load_run(write_run(tmp_path / "sum", recs, meta={"method": "sum"}))
+    assert A.zero_gradient_tasks(run) == ["z"]
+    assert A.sqnorm_ratio(run) == (pytest.approx(4.0), "a", "b")
+    assert A.comparison_table([run])[0]["share ratio"] == pytest.approx(4.0)
+    np.testing.assert_allclose(A.norm_ratio_series(run), 2.0)  # zero norms are not a ratio's denominator
+    text = A.write_report([run], tmp_path / "out").read_text()
+    assert "task(s) `z` had a zero gradient at every step" in text

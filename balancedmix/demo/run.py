@@ -1,0 +1,389 @@
+"""``balancedmix demo``: baseline vs corrected GRPO runs on the synthetic suite, then the report.
+
+One call of :func:`run_demo`:
+
+1. builds the char tokenizer, a tiny random-init causal LM and the suite's train/eval splits
+   (:mod:`balancedmix.demo.suite`), all from ``seed``;
+2. warm-starts the model with a short supervised run (so that GRPO sees non-zero rewards) and
+   evaluates it on the held-out split ("before");
+3. for every method in ``methods`` (and one extra run with the mixture ``schedule`` when
+   given), copies the warm-start weights and runs GRPO through
+   :class:`~balancedmix.integrations.trl.BalancedGRPOTrainer` with the split-half estimator,
+   writing ``OUT/<run>/metrics.jsonl``; evaluates again ("after") into ``OUT/<run>/eval.jsonl``
+   (two records: before and after, keys ``eval/accuracy/<task>``, ``eval/reward/<task>``) and
+   writes ``OUT/<run>/run.json`` (method, schedule, sizes, timings);
+4. writes ``OUT/report.md`` and its PNGs with :func:`balancedmix.analysis.write_report`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .suite import SuiteConfig, build_splits, evaluate, max_answer_chars, reward_functions, sft_warm_start
+from .toy import build_char_tokenizer, build_tiny_causal_lm
+
+__all__ = ["DemoConfig", "PRESETS", "run_demo", "parse_schedule", "DEFAULT_METHODS"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS: tuple[str, ...] = ("sum", "normalize", "pcgrad")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of one demo (a preset). Counts are per task unless said otherwise.
+
+    GRPO batch: ``prompts_per_step`` distinct prompts × ``num_generations`` completions per
+    optimizer step, cut into micro-batches of ``micro_batch_size`` rows (gradient accumulation
+    ``prompts_per_step * num_generations / micro_batch_size``). ``stratified=True`` draws the
+    same number of prompts of every task at every step (``MixtureSampler`` with equal fixed
+    weights: every task is measured at every step, with at least two micro-batches for the
+    split-half estimate when ``prompts_per_step * num_generations / K >= 2 * micro_batch_size``);
+    ``False`` keeps TRL's uniform random sampler (task counts vary from step to step).
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    n_train: int = 256
+    n_eval: int = 64
+    sft_steps: int = 800
+    sft_batch_size: int = 32
+    sft_lr: float = 3e-3
+    grpo_steps: int = 60
+    prompts_per_step: int = 16
+    num_generations: int = 4
+    micro_batch_size: int = 8
+    learning_rate: float = 1e-3
+    temperature: float = 1.0
+    stratified: bool = True
+    device: str = "cpu"
+    suite: SuiteConfig = SuiteConfig()
+
+    def __post_init__(self) -> None:
+        rows = self.prompts_per_step * self.num_generations
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (GRPO compares completions), got {self.num_generations}")
+        if rows % self.micro_batch_size:
+            raise ValueError(
+                f"prompts_per_step × num_generations = {rows} rows must be a multiple of micro_batch_size={self.micro_batch_size}"
+            )
+        if self.grpo_steps < 1 or self.sft_steps < 1:
+            raise ValueError(f"grpo_steps and sft_steps must be >= 1, got {self.grpo_steps}, {self.sft_steps}")
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.prompts_per_step * self.num_generations // self.micro_batch_size
+
+
+PRESETS: dict[str, DemoConfig] = {
+    # CI: about a minute on 2 CPU cores
+    "quick": DemoConfig(
+        hidden_size=48, num_layers=2, n_train=128, n_eval=32, sft_steps=250, grpo_steps=6, prompts_per_step=8, micro_batch_size=4
+    ),
+    # the README's command: a few minutes on 2 CPU cores
+    "default": DemoConfig(),
+    # a GPU: bigger model, more prompts and steps
+    "gpu": DemoConfig(
+        hidden_size=256,
+        num_layers=4,
+        num_heads=8,
+        n_train=768,
+        n_eval=200,
+        sft_steps=1500,
+        sft_batch_size=128,
+        sft_lr=1e-3,
+        grpo_steps=200,
+        prompts_per_step=32,
+        num_generations=8,
+        micro_batch_size=32,
+        learning_rate=3e-4,
+        device="cuda",
+    ),
+}
+
+
+_SCHEDULE_HELP = (
+    "gradient_share | learning_progress | worst_task | temperature:TAU | size | fixed:TASK=W,TASK=W,..."
+)
+
+
+def parse_schedule(spec: str) -> Any:
+    """A mixture schedule (``balancedmix.schedules``) from a command-line spec.
+
+    Specs: ``gradient_share``, ``learning_progress``, ``worst_task``, ``temperature:TAU``,
+    ``size``, ``fixed:TASK=W,TASK=W,...``. Raises ``ValueError`` naming the bad spec.
+    """
+    try:
+        from .. import schedules as S
+    except ImportError as err:  # pragma: no cover
+        raise ValueError(f"schedule {spec!r}: balancedmix.schedules is not available ({err})") from None
+
+    name, _, arg = spec.partition(":")
+    name = name.strip().lower().replace("-", "_")
+    if name == "gradient_share":
+        return S.GradientShare()
+    if name == "learning_progress":
+        return S.LearningProgress()
+    if name == "worst_task":
+        return S.WorstTask()
+    if name == "size":
+        return S.SizeProportional()
+    if name == "temperature":
+        try:
+            return S.Temperature(float(arg))
+        except ValueError:
+            raise ValueError(f"schedule {spec!r}: temperature needs a number, e.g. temperature:2") from None
+    if name == "fixed":
+        weights = {}
+        for item in filter(None, (x.strip() for x in arg.split(","))):
+            task, eq, value = item.partition("=")
+            try:
+                weights[task.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"schedule {spec!r}: {item!r} is not TASK=WEIGHT") from None
+            if not eq:
+                raise ValueError(f"schedule {spec!r}: {item!r} is not TASK=WEIGHT")
+        if not weights:
+            raise ValueError(f"schedule {spec!r}: fixed needs weights, e.g. fixed:add=1,reverse=2")
+        return S.Fixed(weights)
+    raise ValueError(f"unknown schedule {spec!r}; use one of: {_SCHEDULE_HELP}")
+
+
+def _equal_mixture(tasks: Sequence[str]) -> Any:
+    """Equal fixed weights (MixtureSampler), or None (TRL's sampler) when schedules are unavailable."""
+    try:
+        from ..schedules import Fixed
+    except ImportError:  # pragma: no cover - the schedules module ships with balancedmix
+        logger.warning("balancedmix.schedules is not available: tasks are sampled by TRL's uniform sampler")
+        return None
+    return Fixed({t: 1.0 for t in tasks})
+
+
+def _run_name(method: str, schedule: str | None) -> str:
+    name = method if schedule is None else f"{method}+{schedule}"
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", name)
+
+
+def _grpo_args(cfg: DemoConfig, out: Path, steps: int, seed: int) -> Any:
+    from trl import GRPOConfig
+
+    max_len = max_answer_chars(cfg.suite) + 2
+    on_cpu = cfg.device == "cpu"
+    return GRPOConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_generations=cfg.num_generations,
+        max_completion_length=max_len,
+        temperature=cfg.temperature,
+        beta=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        bf16=False,
+        fp16=False,
+        use_cpu=on_cpu,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=seed,
+        data_seed=seed,
+    )
+
+
+class _Progress:
+    """A TrainerCallback driving one tqdm bar over all GRPO steps of the demo."""
+
+    def __init__(self, bar: Any) -> None:
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class CB(TrainerCallback):
+            def __init__(self) -> None:
+                self.trainer: Any = None
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+                outer.bar.update(1)
+                rec = getattr(self.trainer, "last_balanced_metrics", None) or {}
+                post = {}
+                for key, value in rec.items():
+                    if key.startswith("reward/") and key.endswith("/mean"):
+                        post["r_" + key.split("/")[1][:3]] = f"{value:.2f}"
+                outer.bar.set_postfix(post, refresh=False)
+                return control
+
+        self.bar = bar
+        self.callback = CB()
+
+
+def run_demo(
+    out: str | os.PathLike[str] = "balancedmix_demo",
+    methods: Sequence[str] = DEFAULT_METHODS,
+    schedule: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    preset: str | DemoConfig = "default",
+    progress: bool = True,
+    report: bool = True,
+) -> Path:
+    """Run the demo; returns the path of ``OUT/report.md`` (or of ``OUT`` when ``report=False``).
+
+    Args:
+        out: output folder (created; existing run folders inside are overwritten).
+        methods: balancedmix methods, one GRPO run each, all from the same warm start; the
+            first ``"sum"`` is the baseline (put it first).
+        schedule: optional mixture schedule spec (see :func:`parse_schedule`): one extra run
+            with ``method="sum"`` and that schedule, named ``sum+<spec>``.
+        steps: GRPO optimizer steps per run (default: the preset's).
+        seed: seeds data, model initialisation, warm start, generation and PCGrad's order.
+        preset: ``"quick"``, ``"default"``, ``"gpu"`` or a :class:`DemoConfig`.
+        progress: show a tqdm progress bar (stderr).
+        report: write the report after the runs.
+    """
+    from tqdm.auto import tqdm
+
+    from .. import available_methods
+    from ..integrations.trl import BalancedConfig, BalancedGRPOTrainer
+
+    cfg = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
+    if not isinstance(cfg, DemoConfig):
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, grpo_steps=steps)
+    methods = list(methods)
+    if not methods and schedule is None:
+        raise ValueError("nothing to run: give at least one method or a schedule")
+    known = available_methods()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(known)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods listed twice: {methods}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"preset asks for device {cfg.device!r} but CUDA is not available; use --preset default")
+    runs: list[tuple[str, str, str | None]] = [(_run_name(m, None), m, None) for m in methods]
+    if schedule is not None:
+        parse_schedule(schedule)  # fail before any training
+        runs.append((_run_name("sum", schedule), "sum", schedule))
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    device = torch.device(cfg.device)
+    tok = build_char_tokenizer()
+    model = build_tiny_causal_lm(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, seed=seed)
+    model.to(device)
+    train, evalset = build_splits(cfg.n_train, cfg.n_eval, seed=seed, config=cfg.suite)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %d parameters; %d train / %d eval rows; device %s", n_params, len(train), len(evalset), device)
+
+    total = cfg.sft_steps + cfg.grpo_steps * len(runs)
+    bar = tqdm(total=total, desc="warm start (SFT)", unit="step", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    sft_losses = sft_warm_start(
+        model,
+        tok,
+        [train[i] for i in range(len(train))],
+        steps=cfg.sft_steps,
+        batch_size=cfg.sft_batch_size,
+        lr=cfg.sft_lr,
+        seed=seed,
+        progress=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)),
+    )
+    sft_seconds = time.perf_counter() - t0
+    before = evaluate(model, tok, evalset)
+    before_rec = {"step": 0, "phase": "before", **before}
+    logger.info("after warm start (%.1f s): %s", sft_seconds, {k: round(v, 3) for k, v in before.items() if "accuracy" in k})
+    warm_state = copy.deepcopy(model.state_dict())
+    rewards = reward_functions(cfg.suite)
+    progress_cb = _Progress(bar)
+
+    run_dirs = []
+    for name, method, sched in runs:
+        run_dir = out / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "eval.jsonl", "run.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+        bar.set_description(f"GRPO {name}")
+        if sched:
+            mixture = parse_schedule(sched)
+        elif cfg.stratified:
+            mixture = _equal_mixture(cfg.suite.tasks)
+        else:
+            mixture = None
+        model.load_state_dict(warm_state)
+        model.train()
+        torch.manual_seed(seed)
+        trainer = BalancedGRPOTrainer(
+            model=model,
+            reward_funcs=rewards,
+            args=_grpo_args(cfg, run_dir, cfg.grpo_steps, seed),
+            train_dataset=train,
+            processing_class=tok,
+            balanced=BalancedConfig(
+                task_key="task",
+                tasks=list(cfg.suite.tasks),
+                method=method,
+                estimator="split",
+                schedule=mixture,
+                log_dir=str(run_dir),
+                seed=seed,
+            ),
+        )
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # the bar shows progress; the JSONL holds the figures
+        progress_cb.callback.trainer = trainer
+        trainer.add_callback(progress_cb.callback)
+        t0 = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - t0
+        after = evaluate(model, tok, evalset)
+        with open(run_dir / "eval.jsonl", "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(before_rec) + "\n")
+            fh.write(json.dumps({"step": int(trainer.state.global_step), "phase": "after", **after}) + "\n")
+        meta = {
+            "name": name,
+            "method": method,
+            "schedule": sched or ("fixed equal (stratified)" if cfg.stratified else None),
+            "seed": seed,
+            "preset": preset if isinstance(preset, str) else "custom",
+            "steps": int(trainer.state.global_step),
+            "train_seconds": train_seconds,
+            "sft_seconds": sft_seconds,
+            "sft_final_loss": sft_losses[-1],
+            "parameters": n_params,
+            "eval_rows_per_task": cfg.n_eval,
+            "tasks": list(cfg.suite.tasks),
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "suite"},
+            "suite": dataclasses.asdict(cfg.suite),
+        }
+        (run_dir / "run.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        logger.info("%s: %.1f s, held-out accuracy %s", name, train_seconds, {k: round(v, 3) for k, v in after.items() if "accuracy" in k})
+        run_dirs.append(run_dir)
+        del trainer
+    bar.close()
+    logger.info("all runs done in %.1f s", time.perf_counter() - t_start)
+    if not report:
+        return out
+    from ..analysis import load_runs, write_report
+
+    return write_report(load_runs(run_dirs), out, title="balancedmix demo report")
