@@ -99,10 +99,10 @@ def make_trainer(cls, tok, tmp_path, dataset=None, reward=None, **kwargs):
 
 # ---------------------------------------------------------------------------------- equivalence
 @pytest.mark.parametrize(
-    "loss_type,order_by_task",
-    [("dapo", "auto"), ("dapo", False), ("bnpo", "auto")],
+    "loss_type,order_by_task,checkpointing",
+    [("dapo", "auto", False), ("dapo", False, False), ("bnpo", "auto", False), ("grpo", False, True)],
 )
-def test_sum_method_matches_plain_grpo_trainer(tok, tmp_path, loss_type, order_by_task):
+def test_sum_method_matches_plain_grpo_trainer(tok, tmp_path, loss_type, order_by_task, checkpointing):
     """method="sum", no schedule: same parameters as plain GRPOTrainer after 3 GRPO steps.
 
     Both runs use the same seed, TRL's RepeatSampler and TRL's shuffle (the integration consumes
@@ -111,8 +111,10 @@ def test_sum_method_matches_plain_grpo_trainer(tok, tmp_path, loss_type, order_b
     micro-batch runs its forward per task sub-batch (different matmul shapes). SGD is used so
     that the update is linear in the gradient (Adam's first step, g/|g|, would amplify the
     rounding of near-zero gradients); tolerance atol 1e-6 on parameters of magnitude ~1.
+    The last case runs with activation checkpointing (TRL's default), where each sub-batch's
+    backward recomputes its own forward.
     """
-    common = dict(optim="sgd", loss_type=loss_type, max_grad_norm=0.0)
+    common = dict(optim="sgd", loss_type=loss_type, max_grad_norm=0.0, gradient_checkpointing=checkpointing)
     plain = make_trainer(GRPOTrainer, tok, tmp_path / "plain", **common)
     plain.train()
     balanced = make_trainer(
@@ -128,7 +130,7 @@ def test_sum_method_matches_plain_grpo_trainer(tok, tmp_path, loss_type, order_b
     losses_bal = [h["loss"] for h in balanced.state.log_history if "loss" in h]
     assert losses_bal == pytest.approx(losses_plain, rel=1e-4, abs=1e-6)
     splits = [h["split_microbatches"] for h in balanced.state.log_history if "split_microbatches" in h]
-    if order_by_task is False or loss_type == "bnpo":
+    if order_by_task is False or loss_type == "bnpo":  # also with activation checkpointing (recompute per sub-batch)
         assert sum(splits) > 0  # the split path was exercised
     if order_by_task == "auto" and loss_type == "dapo":
         assert balanced._bm_reorder_reason is None

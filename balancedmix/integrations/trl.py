@@ -450,7 +450,7 @@ class BalancedGRPOMixin:
             finally:
                 self._bm_stack = None
         self._bm_step_time += time.perf_counter() - t0
-        self._bm_step_loss += float(loss.detach().float().mean())
+        self._bm_step_loss = self._bm_step_loss + loss.detach().float().mean()  # a tensor: no device sync here
         self._bm_microbatches += 1
         return loss
 
@@ -574,23 +574,31 @@ class BalancedGRPOMixin:
 
     @torch.no_grad()
     def _bm_accumulate(self, inputs: Mapping[str, Any]) -> None:
-        tid = inputs[TASK_IDS_KEY].detach().cpu()
+        """Add the micro-batch's per-task sums to the step's accumulator (on the inputs' device, no sync)."""
+        tid = inputs[TASK_IDS_KEY].detach()
+        device = tid.device
+        if self._bm_stats.device != device:
+            self._bm_stats = self._bm_stats.to(device)
         rows = len(tid)
         rewards = inputs.get(TASK_REWARDS_KEY)
-        rewards = rewards.detach().double().cpu() if rewards is not None else torch.full((rows,), float("nan"), dtype=torch.float64)
+        if rewards is None:
+            rewards = torch.full((rows,), float("nan"), dtype=torch.float64, device=device)
+        rewards = rewards.detach().to(device, torch.float64)
         valid = ~torch.isnan(rewards)
         r0 = torch.where(valid, rewards, torch.zeros_like(rewards))
-        adv = inputs["advantages"].detach().double().cpu()
-        mask = inputs["completion_mask"].detach().double().cpu()
+        adv = inputs["advantages"].detach().to(device, torch.float64)
+        mask = inputs["completion_mask"].detach().to(device, torch.float64)
         if adv.dim() == 2:  # token-level advantages: the row's masked mean
             adv = (adv * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        cols = torch.stack([torch.ones(rows, dtype=torch.float64), valid.double(), r0, r0 * r0, adv, adv.abs(), mask.sum(1)], dim=1)
+        ones = torch.ones(rows, dtype=torch.float64, device=device)
+        cols = torch.stack([ones, valid.to(torch.float64), r0, r0 * r0, adv, adv.abs(), mask.sum(1)], dim=1)
         self._bm_stats.index_add_(0, tid, cols)
 
     def _bm_task_metrics(self) -> dict[str, float]:
         stats = self._bm_stats
         if self.accelerator.num_processes > 1:
-            stats = self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum").cpu()
+            stats = self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum")
+        stats = stats.cpu()
         out: dict[str, float] = {}
         nan = float("nan")
         for t, name in enumerate(self.task_registry.names):
@@ -617,9 +625,10 @@ class BalancedGRPOMixin:
         for key, value in metrics.items():
             sink[key].append(float(value))
         sink["split_microbatches"].append(float(self._bm_split_count))
-        loss = self._bm_step_loss
+        loss_t = torch.as_tensor(self._bm_step_loss, dtype=torch.float32)
         if self.accelerator.num_processes > 1:
-            loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.accelerator.device), reduction="mean"))
+            loss_t = self.accelerator.reduce(loss_t.to(self.accelerator.device), reduction="mean")
+        loss = float(loss_t)
         record = dict(metrics)
         record.update(
             {
