@@ -99,10 +99,17 @@ def make_trainer(cls, tok, tmp_path, dataset=None, reward=None, **kwargs):
 
 # ---------------------------------------------------------------------------------- equivalence
 @pytest.mark.parametrize(
-    "loss_type,order_by_task,checkpointing",
-    [("dapo", "auto", False), ("dapo", False, False), ("bnpo", "auto", False), ("grpo", False, True)],
+    "loss_type,order_by_task,extra",
+    [
+        ("dapo", "auto", {}),
+        ("dapo", False, {}),
+        ("bnpo", "auto", {}),
+        ("grpo", False, {"gradient_checkpointing": True}),
+        ("dapo", "auto", {"steps_per_generation": 4, "num_iterations": 2}),
+    ],
+    ids=["dapo-ordered", "dapo-split", "bnpo-split", "grpo-split-checkpointing", "dapo-ordered-spg4-mu2"],
 )
-def test_sum_method_matches_plain_grpo_trainer(tok, tmp_path, loss_type, order_by_task, checkpointing):
+def test_sum_method_matches_plain_grpo_trainer(tok, tmp_path, loss_type, order_by_task, extra):
     """method="sum", no schedule: same parameters as plain GRPOTrainer after 3 GRPO steps.
 
     Both runs use the same seed, TRL's RepeatSampler and TRL's shuffle (the integration consumes
@@ -111,10 +118,12 @@ def test_sum_method_matches_plain_grpo_trainer(tok, tmp_path, loss_type, order_b
     micro-batch runs its forward per task sub-batch (different matmul shapes). SGD is used so
     that the update is linear in the gradient (Adam's first step, g/|g|, would amplify the
     rounding of near-zero gradients); tolerance atol 1e-6 on parameters of magnitude ~1.
-    The last case runs with activation checkpointing (TRL's default), where each sub-batch's
-    backward recomputes its own forward.
+    One case runs with activation checkpointing (TRL's default), where each sub-batch's backward
+    recomputes its own forward; one with a generation batch feeding 2 optimizer steps, reused
+    twice (steps_per_generation=4 > gradient_accumulation_steps=2, num_iterations=2), where the
+    re-ordering must keep each optimizer step's set of rows.
     """
-    common = dict(optim="sgd", loss_type=loss_type, max_grad_norm=0.0, gradient_checkpointing=checkpointing)
+    common = dict(optim="sgd", loss_type=loss_type, max_grad_norm=0.0, **extra)
     plain = make_trainer(GRPOTrainer, tok, tmp_path / "plain", **common)
     plain.train()
     balanced = make_trainer(
@@ -134,8 +143,15 @@ def test_sum_method_matches_plain_grpo_trainer(tok, tmp_path, loss_type, order_b
         assert sum(splits) > 0  # the split path was exercised
     if order_by_task == "auto" and loss_type == "dapo":
         assert balanced._bm_reorder_reason is None
-        # 16 rows of 3 tasks in 2 micro-batches of 8: after re-ordering at most one is mixed
-        assert max(splits) <= 1
+        # rows ordered by task inside each optimizer step: micro-batch i (rows [i*m, (i+1)*m)) is
+        # mixed exactly when a task boundary falls strictly inside it
+        m = balanced.args.per_device_train_batch_size
+        for h in (h for h in balanced.state.log_history if "split_microbatches" in h):
+            counts = [int(h[f"num_samples/{t}"]) for t in TASKS]
+            bounds = [sum(counts[: k + 1]) for k in range(len(counts) - 1)]
+            n_micro = sum(counts) // m
+            expected = sum(any(i * m < c < (i + 1) * m for c in bounds) for i in range(n_micro))
+            assert h["split_microbatches"] == expected
 
 
 # ---------------------------------------------------------------------------------- exact split
