@@ -247,7 +247,12 @@ def _expand(values: np.ndarray, idx: np.ndarray, k: int) -> torch.Tensor:
 
 
 def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.linalg.lstsq(a, b, rcond=1e-13)[0]
+    """Least-squares solve of the symmetric PSD system ``a x = b`` after Jacobi equilibration
+    (so the singular-value cutoff is relative to each variable's own scale)."""
+    d = np.sqrt(np.diagonal(a))
+    d = np.where(d > 0, d, 1.0)
+    y = np.linalg.lstsq(a / np.outer(d, d), b / d, rcond=1e-13)[0]
+    return y / d
 
 
 def nnls_gram(h: np.ndarray, f: np.ndarray, tol: float | None = None, max_iter: int | None = None) -> np.ndarray:
@@ -257,7 +262,8 @@ def nnls_gram(h: np.ndarray, f: np.ndarray, tol: float | None = None, max_iter: 
     ``f = Aᵀb`` only, solved by the Lawson–Hanson active-set method (exact: it ends on the KKT
     point of the final passive set, solved by a least-squares solve on that sub-block). ``tol``
     is the threshold on the negative gradient ``f − h x`` below which no variable is freed
-    (default ``1e-12`` × the largest entry of ``h`` and ``f``). Returns ``x`` ``[n]``.
+    (default: per variable, ``1e-13 (|f_j| + Σ_l |h_jl| x_l)``, the rounding error of computing
+    that gradient entry, so tasks of very different scales are handled alike). Returns ``x``.
     """
     h = np.asarray(h, dtype=np.float64)
     f = np.asarray(f, dtype=np.float64)
@@ -265,8 +271,8 @@ def nnls_gram(h: np.ndarray, f: np.ndarray, tol: float | None = None, max_iter: 
     x = np.zeros(n)
     if n == 0:
         return x
-    if tol is None:
-        tol = 1e-12 * max(float(np.abs(h).max()), float(np.abs(f).max()), 1e-300)
+    abs_h = np.abs(h)
+    abs_f = np.abs(f)
     if max_iter is None:
         max_iter = 20 * n + 20
     passive = np.zeros(n, dtype=bool)
@@ -274,7 +280,8 @@ def nnls_gram(h: np.ndarray, f: np.ndarray, tol: float | None = None, max_iter: 
     blocked = -1  # a variable freed and dropped at once (numerical tie): not freed again right away
     iters = 0
     while True:
-        cand = ~passive & (grad > tol)
+        threshold = tol if tol is not None else 1e-13 * (abs_f + abs_h @ x) + 1e-300
+        cand = ~passive & (grad > threshold)
         if blocked >= 0:
             cand[blocked] = False
         if not cand.any():
@@ -321,9 +328,12 @@ def _min_norm_hull(g: np.ndarray) -> np.ndarray:
     k = g.shape[0]
     if k == 0:
         return np.zeros(0)
-    scale = np.diagonal(g).max()
-    if scale <= 0:
+    diag = np.diagonal(g)
+    if diag.max() <= 0:
         return np.full(k, 1.0 / k)
+    # scale by the smallest non-zero squared norm: the optimum q = αᵀgα is then ≤ 1, so the
+    # added 11ᵀ neither swamps nor is swamped by the Gram near the optimum
+    scale = diag[diag > 0].min()
     beta = nnls_gram(g / scale + 1.0, np.ones(k))
     total = beta.sum()
     if total <= 0:  # cannot happen for a PSD g (β = e_j/(1+g_jj) already beats 0); stay defined
