@@ -505,3 +505,24 @@ def test_example_script_runs(tmp_path):
     base = module.main(["--steps", "2", "--output-dir", str(tmp_path / "base"), "--baseline", "--prompts-per-step", "6"])
     assert all(base[k] == 1.0 for k in base if k.startswith("coef/"))
     module.main(["--steps", "1", "--output-dir", str(tmp_path / "plain"), "--plain", "--prompts-per-step", "6"])
+
+
+def test_mixin_on_a_user_subclass(tok, tmp_path):
+    from balancedmix.integrations import BalancedGRPOMixin
+
+    class MyGRPOTrainer(GRPOTrainer):
+        calls = 0
+
+        def _generate_and_score_completions(self, inputs):
+            MyGRPOTrainer.calls += 1
+            return super()._generate_and_score_completions(inputs)
+
+    class MyBalanced(BalancedGRPOMixin, MyGRPOTrainer):
+        pass
+
+    trainer = make_trainer(MyBalanced, tok, tmp_path, max_steps=1, method="mean", log_dir=str(tmp_path / "logs"))
+    trainer.train()
+    assert MyGRPOTrainer.calls == 1
+    (record,) = read_jsonl(tmp_path / "logs" / "metrics.jsonl")
+    present = [t for t in TASKS if record[f"num_samples/{t}"] > 0]
+    assert all(record[f"coef/{t}"] == pytest.approx(1 / len(present)) for t in present)
