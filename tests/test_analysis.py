@@ -366,3 +366,17 @@ def test_zero_gradient_task_left_out_of_ratios_and_named(tmp_path):
     np.testing.assert_allclose(A.norm_ratio_series(run), 2.0)  # zero norms are not a ratio's denominator
     text = A.write_report([run], tmp_path / "out").read_text()
     assert "task(s) `z` had a zero gradient at every step" in text
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.one_of(st.floats(-100, 100), st.just(float("nan"))), min_size=1, max_size=30), st.integers(1, 6))
+def test_rolling_mean_matches_reference(values, window):
+    v = np.array(values, dtype=float)
+    got = A.rolling_mean(v, window)
+    for i in range(len(v)):
+        chunk = v[max(0, i + 1 - window) : i + 1]
+        chunk = chunk[np.isfinite(chunk)]
+        if len(chunk):
+            assert got[i] == pytest.approx(chunk.mean(), abs=1e-9)
+        else:
+            assert np.isnan(got[i])
