@@ -256,6 +256,13 @@ def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def nnls_gram(h: np.ndarray, f: np.ndarray, tol: float | None = None, max_iter: int | None = None) -> np.ndarray:
+    """See :func:`_nnls_gram`; returns ``x`` only."""
+    return _nnls_gram(h, f, tol, max_iter)[0]
+
+
+def _nnls_gram(
+    h: np.ndarray, f: np.ndarray, tol: float | None = None, max_iter: int | None = None
+) -> tuple[np.ndarray, bool]:
     """Solve ``min_x ½ xᵀ h x − fᵀ x`` subject to ``x ≥ 0`` (``h`` symmetric PSD ``[n, n]``).
 
     This is non-negative least squares ``min_{x≥0} ||A x − b||²`` written with ``h = AᵀA`` and
@@ -263,14 +270,15 @@ def nnls_gram(h: np.ndarray, f: np.ndarray, tol: float | None = None, max_iter: 
     point of the final passive set, solved by a least-squares solve on that sub-block). ``tol``
     is the threshold on the negative gradient ``f − h x`` below which no variable is freed
     (default: per variable, ``1e-13 (|f_j| + Σ_l |h_jl| x_l)``, the rounding error of computing
-    that gradient entry, so tasks of very different scales are handled alike). Returns ``x``.
+    that gradient entry, so tasks of very different scales are handled alike). Returns ``x`` and
+    whether the method converged (``False``: iteration limit, ``x`` is the last feasible point).
     """
     h = np.asarray(h, dtype=np.float64)
     f = np.asarray(f, dtype=np.float64)
     n = f.shape[0]
     x = np.zeros(n)
     if n == 0:
-        return x
+        return x, True
     abs_h = np.abs(h)
     abs_f = np.abs(f)
     if max_iter is None:
@@ -293,7 +301,7 @@ def nnls_gram(h: np.ndarray, f: np.ndarray, tol: float | None = None, max_iter: 
             iters += 1
             if iters > max_iter:
                 logger.debug("nnls_gram: iteration limit %d reached (n=%d); returning the current feasible point", max_iter, n)
-                return x
+                return x, False
             idx = np.flatnonzero(passive)
             s = np.zeros(n)
             s[idx] = _lstsq(h[np.ix_(idx, idx)], f[idx])
@@ -314,7 +322,7 @@ def nnls_gram(h: np.ndarray, f: np.ndarray, tol: float | None = None, max_iter: 
                 break
         blocked = -1 if moved else j
         grad = f - h @ x
-    return x
+    return x, True
 
 
 def _min_norm_hull(g: np.ndarray) -> np.ndarray:
@@ -331,14 +339,22 @@ def _min_norm_hull(g: np.ndarray) -> np.ndarray:
     diag = np.diagonal(g)
     if diag.max() <= 0:
         return np.full(k, 1.0 / k)
-    # scale by the smallest non-zero squared norm: the optimum q = αᵀgα is then ≤ 1, so the
-    # added 11ᵀ neither swamps nor is swamped by the Gram near the optimum
-    scale = diag[diag > 0].min()
-    beta = nnls_gram(g / scale + 1.0, np.ones(k))
-    total = beta.sum()
-    if total <= 0:  # cannot happen for a PSD g (β = e_j/(1+g_jj) already beats 0); stay defined
-        return np.full(k, 1.0 / k)
-    return beta / total
+    # Scale by the smallest non-zero squared norm: the optimum q = αᵀgα is then ≤ 1, so the
+    # added 11ᵀ is not swamped by the Gram near the optimum. When norms span many decades the
+    # large block can then lose the 11ᵀ term to rounding and the active set cycle: retry with
+    # the largest norm as scale and keep the better point.
+    best, best_q = np.full(k, 1.0 / k), math.inf
+    for scale in (diag[diag > 0].min(), diag.max()):
+        beta, converged = _nnls_gram(g / scale + 1.0, np.ones(k))
+        total = beta.sum()
+        if total > 0:  # always for a PSD g (β = e_j/(1+g_jj) already beats 0)
+            alpha = beta / total
+            q = float(alpha @ g @ alpha)
+            if q < best_q:
+                best, best_q = alpha, q
+        if converged:
+            break
+    return best
 
 
 # ====================================================================== normalize

@@ -509,12 +509,12 @@ def test_imtl_g_matches_torchjd(v):
     assert_vec_close(combine(ours, v), combine(theirs, v), scale_of(v), rel=1e-7, what="imtl_g vs torchjd")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(v=task_vectors(special=False))
 def test_mgda_is_never_worse_than_torchjd_frank_wolfe(v):
     g = gram_of(v)
     ours = combine(mgda_weights(g), v)
-    theirs = combine(torchjd_aggregation.MGDAWeighting(epsilon=1e-9, max_iters=10_000)(g).numpy(), v)
+    theirs = combine(torchjd_aggregation.MGDAWeighting(epsilon=1e-9, max_iters=1_000)(g).numpy(), v)
     scale = scale_of(v)
     assert np.linalg.norm(ours) <= np.linalg.norm(theirs) + 1e-12 * scale
     assert_vec_close(ours, theirs, scale, rel=1e-2, what="mgda vs torchjd FW")
