@@ -794,7 +794,20 @@ def _findings(runs: Sequence[Run], strong: float) -> list[str]:
         rank = sorted(fin, key=lambda t: -gain[t]).index(top) + 1
         rho = spearman([sq[t] for t in fin], [gain[t] for t in fin]) if len(fin) >= 3 else float("nan")
         gains = ", ".join(f"`{t}` {gain[t]:+.3f}" for t in fin)
-        if top == best and len(fin) > 1 and gain[top] > max(gain[t] for t in fin if t != top):
+        n_eval = base.meta.get("eval_rows_per_task")
+        se = 0.5 / math.sqrt(n_eval) if gain is ev and isinstance(n_eval, (int, float)) and n_eval > 0 else 0.0
+        runner_up = max(gain[t] for t in fin if t != top)
+        if se and all(abs(gain[t]) < se for t in fin):
+            verdict = (
+                f"no task's held-out accuracy moved by more than the eval's standard error (~{se:.3f}) — too small to "
+                "confirm or refute the paper here (more steps or prompts would tell)"
+            )
+        elif top == best and gain[top] > runner_up and gain[top] - runner_up < se:
+            verdict = (
+                f"the largest-gradient task `{top}` has the largest gain, but by less than the eval's standard error "
+                f"(~{se:.3f}): no evidence either way"
+            )
+        elif top == best and gain[top] > runner_up:
             verdict = (
                 "here the largest-gradient task also learned the most — this run **disagrees with the paper** "
                 "(larger gradients did buy larger gains)"

@@ -380,3 +380,18 @@ def test_rolling_mean_matches_reference(values, window):
             assert got[i] == pytest.approx(chunk.mean(), abs=1e-9)
         else:
             assert np.isnan(got[i])
+
+
+def test_gain_differences_within_eval_noise_are_not_a_verdict(tmp_path):
+    recs = [{"step": s, "grad_norm/a": 3.0, "grad_norm/b": 1.0, "grad_norm/c": 0.5} for s in range(5)]
+    meta = {"method": "sum", "eval_rows_per_task": 100}  # standard error 0.05
+    small = [{"step": 0, "eval/accuracy/a": 0.5, "eval/accuracy/b": 0.5, "eval/accuracy/c": 0.5},
+             {"step": 5, "eval/accuracy/a": 0.53, "eval/accuracy/b": 0.48, "eval/accuracy/c": 0.5}]
+    text = A.write_report([A.load_run(write_run(tmp_path / "r1", recs, small, meta))], tmp_path / "o1").read_text()
+    assert "no task's held-out accuracy moved by more than the eval's standard error (~0.050)" in text
+    close = [small[0], {"step": 5, "eval/accuracy/a": 0.64, "eval/accuracy/b": 0.6, "eval/accuracy/c": 0.5}]
+    text = A.write_report([A.load_run(write_run(tmp_path / "r2", recs, close, meta))], tmp_path / "o2").read_text()
+    assert "by less than the eval's standard error (~0.050): no evidence either way" in text
+    clear = [small[0], {"step": 5, "eval/accuracy/a": 0.8, "eval/accuracy/b": 0.6, "eval/accuracy/c": 0.5}]
+    text = A.write_report([A.load_run(write_run(tmp_path / "r3", recs, clear, meta))], tmp_path / "o3").read_text()
+    assert "disagrees with the paper" in text
