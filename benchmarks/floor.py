@@ -9,7 +9,7 @@ balancedmix adds two kinds of work to a training step, both memory-bound streams
   method leaves the sum unchanged, ``p.grad += Σ_r w_r B_r`` (reads n·P·4 + P·4, writes P·4).
 
 This suite measures both on a synthetic model (parameters totalling P, split in 8 tensors,
-whose backward is a single elementwise product so that the timings isolate balancedmix's
+whose backward is two elementwise products so that the timings isolate balancedmix's
 work) against the machine's measured copy bandwidth ``dst.copy_(src)`` of the same size: the
 achieved bytes/s of each part and the ratio ``copy bandwidth ÷ achieved`` (target ≤ 2).
 
@@ -27,6 +27,7 @@ if __package__ in (None, ""):
     __package__ = "benchmarks"
 
 import gc
+import math
 import time
 from typing import Any
 
@@ -65,13 +66,17 @@ def measure(k: int, p_total: int, method: str, device: str = "cpu", repeats: int
     sizes[-1] += p_total - sum(sizes)
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(device)) for n in sizes]
-    weights = [torch.randn(n, generator=gen).to(device) for n in sizes]
+    w1 = [torch.randn(n, generator=gen).to(device) for n in sizes]
+    w2 = [torch.randn(n, generator=gen).to(device) for n in sizes]
     names = [f"task{t}" for t in range(k)]
     m = num_microbatches or k
-    signs = [1.0 if t % 2 == 0 else -0.5 for t in range(k)]  # conflicting tasks: the correction does work
+    # task t's gradient = cos θ_t w1 + sin θ_t w2, θ_t spread over [0°, 120°]: some pairs conflict
+    # (the correction has work to do) without the near-total cancellation of antiparallel tasks
+    angles = [math.radians(120.0 * t / max(k - 1, 1)) for t in range(k)]
 
     def loss(t: int) -> torch.Tensor:
-        return signs[t] * sum((p * w).sum() for p, w in zip(params, weights))  # grad = sign * w, dense
+        a, b = math.cos(angles[t]), math.sin(angles[t])
+        return sum(a * (p * u).sum() + b * (p * v).sum() for p, u, v in zip(params, w1, w2))
 
     # plain backward vs backward inside opt.task(): the difference is the hooks' copy/add
     def plain_backward() -> None:
@@ -116,7 +121,7 @@ def measure(k: int, p_total: int, method: str, device: str = "cpu", repeats: int
     adds = m - copies
     hook_bytes = (copies * 2 + adds * 3) * p_total * 4
     bw = copy_bandwidth(min(n * p_total, 64_000_000), device, repeats)  # beyond caches; capped for memory
-    del opt, params, weights
+    del opt, params, w1, w2
     gc.collect()
     return {
         "K": k, "P": p_total, "method": method, "rows": n, "microbatches": m,
@@ -163,7 +168,7 @@ def run(quick: bool = False, repeats: int = 5, device: str = "cpu") -> dict[str,
                ("copy ÷ achieved", "step_vs_copy"), ("step ÷ one-pass floor", "step_vs_ideal"),
                ("hooks extra/step", "hook_t"), ("hooks GB/s", "hook_bw_s"), ("micro-batches", "microbatches")]
     notes = [
-        "synthetic model: P float32 parameters in 8 tensors, backward = one elementwise product, inner optimizer a no-op;"
+        "synthetic model: P float32 parameters in 8 tensors, backward = two elementwise products, inner optimizer a no-op;"
         " median of %d repeats" % repeats,
         "step() bytes = Gram (n·P) + clip-check dots (n·P + P) + combine (n·P + 2P, not for `sum`), float32;"
         " 'step ÷ one-pass floor' compares with a single fused pass over the n rows (n·P (+2P) bytes) at copy bandwidth",

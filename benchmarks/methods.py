@@ -85,6 +85,22 @@ def agreement(spec: ModelSpec, workload: Workload, k: int, device: str = "cpu", 
     """One captured step of each implementation; relative differences of the combined updates."""
     skipped: list[str] = []
     captured: dict[str, torch.Tensor] = {}
+    if not device.startswith("cuda"):
+        # float64 model on CPU: the anchors then compute in float64 (LibMTL allocates its [K, P]
+        # matrix in the default dtype), so the comparison tests the algorithms, not the float32
+        # rounding of dot products over P ~ 1e7 elements; balancedmix keeps its float32 buffers.
+        dtype = torch.float64
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype == torch.float64 else default)
+    try:
+        _capture(spec, workload, k, device, dtype, skipped, captured)
+    finally:
+        torch.set_default_dtype(default)
+    return _compare(k, captured)
+
+
+def _capture(spec: ModelSpec, workload: Workload, k: int, device: str, dtype: torch.dtype, skipped: list[str],
+             captured: dict[str, torch.Tensor]) -> None:
     with fixed_task_order():
         factories = _factories(spec, workload, k, True, device, dtype, skipped, inner="capture")
         if torchjd_available():  # torchjd regularises the UPGrad QP (reg_eps=1e-4) by default: nearly switch it off
@@ -98,6 +114,9 @@ def agreement(spec: ModelSpec, workload: Workload, k: int, device: str = "cpu", 
             r.step()
             captured[key] = r.optimizer.captured  # type: ignore[attr-defined]
             r.close()
+
+
+def _compare(k: int, captured: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
     pairs = [
         ("bm:pcgrad", "ref:pcgrad", "PCGrad: balancedmix vs K-backward reference", True),
         ("torchjd:pcgrad", "ref:pcgrad", "PCGrad: torchjd vs K-backward reference", True),
@@ -182,7 +201,8 @@ def run(
         "one backward per task present, resp. one vmapped backward over the K task losses); LibMTL: one forward of "
         "the whole step batch and K backward passes (its API has no gradient accumulation)",
         "agreement checks: one step with a gradient-recording optimizer, all PCGrad implementations forced to the "
-        "identity task order (their random orders differ otherwise); MGDA is not compared (torchjd and LibMTL solve it "
+        "identity task order (their random orders differ otherwise), the model in float64 on CPU (balancedmix's task "
+        "buffers stay float32); MGDA is not compared (torchjd and LibMTL solve it "
         "approximately with Frank–Wolfe, balancedmix exactly)",
     ]
     columns = [("K", "K"), ("configuration", "name"), ("median step", "time"), ("× plain", "ratio_s"), ("reference ÷ this", "ref_s")]

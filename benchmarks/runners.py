@@ -9,7 +9,8 @@ Every runner trains its own copy of the same model (same seed) on the same step 
   published reference algorithm (Yu et al. 2020, and the Pytorch-PCGrad wrapper): the samples
   are regrouped into M *mixed* chunks (sample ``i`` of chunk ``c`` is the step's sample
   ``c + i·M``, so each chunk mixes tasks, the setting those wrappers target); per chunk one
-  forward, one masked loss per task present and one backward per task with ``retain_graph``,
+  forward, one masked loss per task and one backward per task with ``retain_graph`` (all K,
+  as the wrapper does for every objective),
   each task's flattened gradient accumulated into a ``[K, P]`` matrix; then the pairwise
   projections on the flattened vectors (random order per task, projection only on conflict),
   the sum written back to ``p.grad``, one AdamW step.
@@ -186,18 +187,20 @@ def reference_pcgrad_runner(
     opt = _inner(s.model, inner, lr)
     rng = random.Random(seed)
     p_total = s.numel
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
     def step() -> None:
-        acc = torch.zeros(k, p_total, dtype=torch.float32, device=device)
+        acc = torch.zeros(k, p_total, dtype=acc_dtype, device=device)
         for ids, tasks in s.chunks:
             per_sample = token_ce(s.model, ids).sum(1) * s.sample_norm
-            present = sorted(set(tasks.tolist()))
-            for n, t in enumerate(present):
+            # like the published wrapper: one backward per objective, every objective (a task
+            # absent from the chunk has a zero masked loss, its backward still runs)
+            for t in range(k):
                 for p in s.params:
                     p.grad = None
-                per_sample[tasks == t].sum().backward(retain_graph=n < len(present) - 1)
+                (per_sample * (tasks == t)).sum().backward(retain_graph=t < k - 1)
                 acc[t] += torch.cat([
-                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in s.params
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(acc_dtype) for p in s.params
                 ])
         orders = []
         for _ in range(k):
