@@ -819,7 +819,7 @@ def _findings(runs: Sequence[Run], strong: float) -> list[str]:
             )
         lines.append(
             f"**Gradient size vs learning gain.** {gain_name.capitalize()} per task: {gains}; Spearman correlation across "
-            f"tasks of mean ‖g‖² with gain: {_fmt(rho, 2)} (only {len(fin)} points: weak evidence). {verdict.capitalize()}."
+            f"tasks of mean ‖g‖² with gain: {_fmt(rho, 2)} (only {len(fin)} points: weak evidence). {verdict[0].upper()}{verdict[1:]}."
         )
     corr = [r for r in correlations(base) if r["scope"] == "pooled"]
     if corr:

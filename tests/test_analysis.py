@@ -388,7 +388,7 @@ def test_gain_differences_within_eval_noise_are_not_a_verdict(tmp_path):
     small = [{"step": 0, "eval/accuracy/a": 0.5, "eval/accuracy/b": 0.5, "eval/accuracy/c": 0.5},
              {"step": 5, "eval/accuracy/a": 0.53, "eval/accuracy/b": 0.48, "eval/accuracy/c": 0.5}]
     text = A.write_report([A.load_run(write_run(tmp_path / "r1", recs, small, meta))], tmp_path / "o1").read_text()
-    assert "no task's held-out accuracy moved by more than the eval's standard error (~0.050)" in text
+    assert "No task's held-out accuracy moved by more than the eval's standard error (~0.050)" in text
     close = [small[0], {"step": 5, "eval/accuracy/a": 0.64, "eval/accuracy/b": 0.6, "eval/accuracy/c": 0.5}]
     text = A.write_report([A.load_run(write_run(tmp_path / "r2", recs, close, meta))], tmp_path / "o2").read_text()
     assert "by less than the eval's standard error (~0.050): no evidence either way" in text
