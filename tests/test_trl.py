@@ -20,6 +20,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from balancedmix.demo.toy import build_char_tokenizer, build_tiny_causal_lm  # noqa: E402
 from balancedmix.integrations.trl import (  # noqa: E402
+    GROUP_IDS_KEY,
     TASK_IDS_KEY,
     TASK_REWARDS_KEY,
     BalancedConfig,
@@ -442,6 +443,17 @@ def test_task_ids_survive_shuffle_and_split(tok, tmp_path):
             assert prompt_to_task[p] == trainer.task_registry.name(t)
         assert TASK_REWARDS_KEY in mb
     assert sum(len(mb[TASK_IDS_KEY]) for mb in buffered) == 16
+    # GRPO groups stay whole and contiguous: per_device_train_batch_size (8) is a multiple of
+    # num_generations (4), so no group straddles two micro-batches (split-half independence)
+    seen: set[int] = set()
+    for mb in buffered:
+        groups = mb[GROUP_IDS_KEY].tolist()
+        runs = [g for i, g in enumerate(groups) if i == 0 or groups[i - 1] != g]
+        assert len(runs) == len(set(runs)) and not seen & set(runs)
+        assert all(groups.count(g) == 4 for g in runs)
+        seen |= set(runs)
+        prompts = tok.batch_decode(mb["prompt_ids"], skip_special_tokens=True)
+        assert all(len({p for p, g in zip(prompts, groups) if g == gid}) == 1 for gid in runs)
 
 
 # ---------------------------------------------------------------------------------- mixture schedule

@@ -65,6 +65,7 @@ __all__ = [
     "BalancedGRPOTrainer",
     "ScheduleCallback",
     "TASK_IDS_KEY",
+    "GROUP_IDS_KEY",
     "TASK_REWARDS_KEY",
     "REORDER_SAFE_LOSS_TYPES",
     "METRICS_FILENAME",
@@ -75,6 +76,8 @@ logger = logging.getLogger(__name__)
 TASK_IDS_KEY = "task_ids"
 """Key of the per-row task index tensor (long ``[rows]``) added to TRL's generation batch."""
 TASK_REWARDS_KEY = "task_rewards"
+GROUP_IDS_KEY = "group_ids"
+"""Per-row long tensor: the row's GRPO group (its prompt's position in the global generation batch)."""
 """Key of the per-row weighted reward tensor (float ``[rows]``, NaN = unscorable)."""
 METRICS_FILENAME = "metrics.jsonl"
 
@@ -393,6 +396,12 @@ class BalancedGRPOMixin:
             raise TaskError(f"the generation batch has {rows} completions but {len(ids)} task labels")
         device = out["advantages"].device
         out[TASK_IDS_KEY] = torch.tensor(ids, dtype=torch.long, device=device)
+        # The sampler yields each prompt num_generations times in a row, aligned in the global
+        # stream; this process holds global rows [process_index * rows, (process_index + 1) * rows).
+        first = self.accelerator.process_index * rows
+        out[GROUP_IDS_KEY] = torch.div(
+            torch.arange(first, first + rows, device=device), self.num_generations, rounding_mode="floor"
+        )
         rpf = self._bm_rewards_per_func
         if rpf is not None:
             weights = self.reward_weights.to(rpf.device, rpf.dtype).unsqueeze(0)
@@ -436,7 +445,13 @@ class BalancedGRPOMixin:
         for start in range(0, spg, window):
             group = micro_batches[start : start + window]
             merged = _cat_rows(group)
-            order = torch.argsort(merged[TASK_IDS_KEY].cpu(), stable=True)
+            # by task, then by GRPO group: a group's completions stay contiguous, so with
+            # per_device_train_batch_size a multiple of num_generations no group straddles two
+            # micro-batches (the split-half estimator needs independent halves: a group's
+            # advantages sum to zero, so a group cut across halves biases it low)
+            groups = merged[GROUP_IDS_KEY].cpu()
+            key = merged[TASK_IDS_KEY].cpu() * (int(groups.max()) + 1) + groups
+            order = torch.argsort(key, stable=True)
             out.extend(_split_rows(_take_rows(merged, order), len(group)))
         return out
 
