@@ -661,8 +661,17 @@ def imtl_g_weights(gram: torch.Tensor) -> torch.Tensor:
     sub, idx = _restrict(g)
     if idx.size == 0:
         return torch.zeros(k, dtype=torch.float64)
-    st = torch.from_numpy(sub)
-    v = (torch.linalg.pinv(st) @ torch.diagonal(st).sqrt()).numpy()
+    # Solve on the unit-norm Gram U = N⁻¹ gram N⁻¹ (N = diag of norms): gram⁺ n = N⁻¹ U⁺ 1 when
+    # gram is invertible, and U's conditioning does not suffer from tasks of very different
+    # scales (a 1e6 norm ratio makes gram's pseudo-inverse cut-off depend on the task order).
+    # Rank-deficient (parallel or dependent gradients): torchjd's generalisation gram⁺ n.
+    norms = np.sqrt(np.diagonal(sub))
+    unit = sub / np.outer(norms, norms)
+    if np.linalg.matrix_rank(unit, tol=1e-10) == len(norms):
+        v = np.linalg.solve(unit, np.ones(len(norms))) / norms
+    else:
+        st = torch.from_numpy(sub)
+        v = (torch.linalg.pinv(st) @ torch.diagonal(st).sqrt()).numpy()
     total = float(v.sum())
     if abs(total) <= 1e-12:
         return torch.zeros(k, dtype=torch.float64)

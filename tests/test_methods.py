@@ -584,7 +584,11 @@ def test_update_is_invariant_to_task_order(name, v, seed):
     perm = np.random.default_rng(seed).permutation(len(v))
     a = combine(make_method(name)(gram_of(v), ctx_for(len(v))), v)
     b = combine(make_method(name)(gram_of(v[perm]), ctx_for(len(v))), v[perm])
-    assert_vec_close(a, b, scale_of(v), rel=1e-7, what=f"{name} permuted")
+    # imtl_g on dependent gradients is a pseudo-inverse of the Gram itself (torchjd's
+    # generalisation); with task norms 1e6 apart its cut-off sits near the noise floor and the
+    # result is reproducible only to ~cond·eps: 1e-6 of the scale (found by hypothesis, K=5, d=3).
+    rel = 1e-6 if name == "imtl_g" and np.linalg.matrix_rank(v) < len(v) else 1e-7
+    assert_vec_close(a, b, scale_of(v), rel=rel, what=f"{name} permuted")
 
 
 def test_pcgrad_with_two_tasks_is_order_invariant():
