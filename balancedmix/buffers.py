@@ -13,12 +13,13 @@ receive (a parameter without gradient in that task's backward).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 RowKey = Hashable
+CHUNK_COLUMNS = 1 << 18
 
 
 class FlatBuffers:
@@ -158,6 +159,16 @@ class FlatBuffers:
 
     def slice(self, param_index: int) -> slice:
         return slice(self.offsets[param_index], self.offsets[param_index + 1])
+
+    def chunks(self, param_index: int, max_columns: int = CHUNK_COLUMNS) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` ranges, local to the parameter, of at most ``max_columns`` elements.
+
+        Step-time reductions walk the buffer chunk by chunk so that a ``[rows, chunk]`` block
+        (4 MB for 4 rows) stays in cache between its Gram product and its other uses.
+        """
+        numel = self.numels[param_index]
+        for start in range(0, numel, max_columns):
+            yield start, min(start + max_columns, numel)
 
     @property
     def nbytes(self) -> int:
