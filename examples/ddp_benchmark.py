@@ -48,7 +48,7 @@ def _run_variant(variant: str, steps: int, warmup: int, micro: int, num_tasks: i
 
     from balancedmix import BalancedOptimizer
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, _world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 256))
     n_params = sum(p.numel() for p in model.parameters())

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from balancedmix import BalancedOptimizer
 from balancedmix.methods import (
     ZERO_REL,
-    CAGrad,
     MethodContext,
     Normalize,
     available_methods,
