@@ -206,7 +206,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
             self._params.append(p)
             if self._dist.uses_hooks:
                 self._hooks.append(p.register_hook(self._make_hook(index)))
-        self.buffers = FlatBuffers([self._dist.local(p) for p in self._params], order=_row_order)
+        # float32 buffers (exact sums of bf16/fp16 micro-batch gradients); float64 for float64 models
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
+        self.buffers = FlatBuffers([self._dist.local(p) for p in self._params], dtype=dtype, order=_row_order)
         self._dist.setup(self.buffers, len(self.registry), self.registry.declared, self.estimator)
 
     def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:

@@ -424,3 +424,16 @@ def test_on_step_jsonl_logging(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"step": 0}\n{oops\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_float64_models_get_float64_buffers():
+    model = Net(0, dtype=torch.float64)
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="mean")
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    with opt.task("a"):
+        model.loss("a", x).backward()
+    ref.loss("a", x).backward()
+    cap = opt.captured_gradients()["a"]
+    assert cap.dtype == torch.float64
+    assert torch.equal(cap, flat_grads(ref))  # exact: no float32 round trip
