@@ -130,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(only) - set(CPU_SUITES))
         if unknown:
             parser.error(f"unknown suite(s) {unknown}; choose from {', '.join(CPU_SUITES)}")
+        if args.update_docs:
+            # the docs hold one block per suite group; a subset would silently drop the other tables
+            parser.error("--update-docs rewrites the whole results block of docs/benchmarks.md: run it without --only")
     groups = ("cpu", "gpu") if args.suite == "all" else (args.suite,)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / args.suite
+    default_dir = args.suite if not only else f"{args.suite}-only-{'-'.join(only)}"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / default_dir
     t0 = time.perf_counter()
     results: dict[str, Any] = {"machine": common.machine_info(), "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
                                "quick": args.quick, "repeats": repeats, "suites": {}}
