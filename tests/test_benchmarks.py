@@ -116,6 +116,15 @@ def test_cli_rejects_unknown_suite(tmp_path):
         main(["run", "--only", "nonsense", "--out", str(tmp_path)])
 
 
+def test_cli_refuses_partial_docs_update(tmp_path, capsys):
+    """--update-docs replaces the whole results block: with --only it would drop the other tables."""
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--quick", "--only", "floor", "--update-docs", "--out", str(tmp_path)])
+    assert "without --only" in capsys.readouterr().err
+
+
 def test_update_docs_replaces_between_markers(tmp_path):
     from benchmarks.__main__ import update_docs
 
