@@ -269,3 +269,52 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     again = tmp_path / "again"
     assert main(["report", str(out / "sum"), str(out / "pcgrad"), "--out", str(again)]) == 0
     assert "`pcgrad` vs `sum`" in (again / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_schedule_end_to_end(tmp_path):
+    """``demo --schedule``: the extra ``sum+<spec>`` run exists, logs the mixture weights of every
+    task at every step, an adaptive schedule moves them, and the report compares the run."""
+    from balancedmix.cli import main
+    from balancedmix.demo.run import PRESETS
+
+    out = tmp_path / "demo"
+    steps = 3
+    argv = ["demo", "--quick", "--methods", "sum", "--schedule", "gradient_share", "--steps", str(steps)]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    cfg = PRESETS["quick"]
+    rows_per_step = cfg.prompts_per_step * cfg.num_generations
+
+    def weights(run: str) -> list[dict[str, float]]:
+        records = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, steps + 1)), run
+        per_step = []
+        for r in records:
+            w = {}
+            for task in S.TASKS:
+                assert f"mixture/weight/{task}" in r, (run, r["step"], task)
+                assert f"num_samples/{task}" in r, (run, r["step"], task)
+                w[task] = r[f"mixture/weight/{task}"]
+                assert w[task] >= 0.0
+            assert sum(w.values()) == pytest.approx(1.0, abs=1e-9), (run, r["step"])
+            assert sum(r[f"num_samples/{t}"] for t in S.TASKS) == rows_per_step, (run, r["step"])
+            per_step.append(w)
+        return per_step
+
+    sched_run = "sum+gradient_share"
+    assert (out / sched_run).is_dir()
+    # the baseline keeps the stratified equal mixture; the adaptive schedule moves its weights
+    assert all(w == pytest.approx({t: 1 / len(S.TASKS) for t in S.TASKS}) for w in weights("sum"))
+    moving = weights(sched_run)
+    assert moving[0] == pytest.approx({t: 1 / len(S.TASKS) for t in S.TASKS})  # no update before the first step
+    assert any(moving[i] != pytest.approx(moving[0]) for i in range(1, steps)), moving
+    meta = json.loads((out / sched_run / "run.json").read_text())
+    assert meta["method"] == "sum" and meta["schedule"] == "gradient_share" and meta["steps"] == steps
+    # both runs start from the same warm start
+    befores = {(out / r / "eval.jsonl").read_text().splitlines()[0] for r in ("sum", sched_run)}
+    assert len(befores) == 1
+    report = (out / "report.md").read_text()
+    table = report.split("## Runs compared", 1)[1].split("\n## ", 1)[0]
+    rows = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| run ")]
+    assert rows == ["sum", sched_run], table
+    assert f"`{sched_run}` vs `sum`" in report
