@@ -418,14 +418,18 @@ class DDPSync(_Collective):
         if mode == "ddp" and not identical:
             raise DistributedStateError(
                 "sync='ddp' but p.grad differs across ranks at step(): DDP did not all-reduce the gradients "
-                "(every micro-step ran under no_sync?). Use sync='buffers' or sync='auto'. Parameters were not updated."
+                "(every micro-step ran under no_sync?), or only partly: a mixed-task opt.backward({task: loss}) with DDP "
+                "sync on reduces only its first backward (run it under no_sync). Use sync='buffers' or sync='auto'. "
+                "Parameters were not updated."
             )
         if mode == "buffers" and any_not_local:
             raise DistributedStateError(
                 "p.grad is not this rank's local sum of the captured gradients on at least one rank (sync='buffers' "
                 f"mode{' detected' if self.sync == 'auto' else ''}): p.grad was changed before opt.synchronize() — "
                 "clip gradients after calling opt.synchronize() (or let step() do it), never on the local gradients. "
-                "Parameters were not updated."
+                "Or a mixed-task opt.backward({task: loss}) ran while DDP synced gradients: DDP all-reduces only the "
+                "first of several backwards over one forward, so run those micro-steps under no_sync "
+                "(accelerator.no_sync(model)). Parameters were not updated."
             )
 
         # ---- the fused buffer all-reduce: rows lo..hi-1, the span of the rows used on any rank —

@@ -288,6 +288,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
         Runs one backward per task over the shared graph (the graph is retained between them),
         so ``Σ_t loss_t`` gets exactly the gradient of the full loss, attributed per task. Costs
         one backward per task: prefer task-homogeneous micro-batches.
+
+        Multi-process: under DDP run it under ``no_sync`` (DDP all-reduces only the first
+        backward after a forward; ``step()`` raises ``DistributedStateError`` otherwise); under
+        FSDP2 every rank must pass the same tasks in the same order (see ``docs/distributed.md``).
         """
         if not losses:
             raise ValueError("backward() got no losses")

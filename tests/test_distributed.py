@@ -85,7 +85,7 @@ def reference(method: str, schedule: dict[int, list[str]] | None = None, clip: f
         for rank in range(WORLD):
             for i, task in enumerate(schedule[rank]):
                 with opt.task(task) if task is not None else _null():
-                    (loss_fn(model, batch(step, rank, i, task or "a")) / (M * WORLD)).backward()
+                    (loss_fn(model, batch(step, rank, i, task or "a")) / (len(schedule[rank]) * WORLD)).backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
@@ -377,6 +377,154 @@ def test_fsdp2_matches_single_process(method: str) -> None:
 def test_fsdp2_different_schedules_raise_on_every_rank() -> None:
     r0, r1 = run_ranks(_fsdp_worker, WORLD, "sum", True, timeout=TIMEOUT)
     assert "error" in r0 and r0["error"] == r1["error"] and "same task" in r0["error"]
+
+
+# ----------------------------------------------------------------------------- FSDP2 + split estimator
+# every task twice per rank (an even count: the global halves of the concatenated reference —
+# rank 0's micro-batches, then rank 1's — are then the same sets as FSDP2's, where micro-step i
+# holds the mean of both ranks' micro-batch i and goes to one half as a whole)
+FSDP_SPLIT_SCHEDULE = ["a", "b", "a", "c", "b", "c"]
+SPLIT_KEYS = ("grad_sqnorm_unbiased/", "grad_norm_unbiased/", "noise_trace/", "noise_scale/")
+
+
+def assert_split_equal(got: dict, want: dict, tasks: list[str]) -> None:
+    for task in tasks:
+        for prefix in SPLIT_KEYS:
+            k = prefix + task
+            assert k in want, f"reference lacks {k}"
+            assert k in got, f"missing diagnostic {k}"
+            assert math.isclose(got[k], want[k], rel_tol=RTOL, abs_tol=ATOL), f"{k}: distributed {got[k]} vs single {want[k]}"
+    extra = {k for k in got if k.startswith(SPLIT_KEYS)} - {k for k in want if k.startswith(SPLIT_KEYS)}
+    assert not extra, f"split diagnostics only in the distributed run: {extra}"
+
+
+def _fsdp_split_worker(rank: int, world: int, method: str, schedule: list[str]) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from balancedmix.distributed import FSDP2Sync
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, method=method, estimator="split")
+    assert isinstance(opt.distributed, FSDP2Sync)
+    diags = []
+    for step in range(STEPS):
+        for i, task in enumerate(schedule):
+            with opt.task(task):
+                (loss_fn(model, batch(step, rank, i, task)) / len(schedule)).backward()
+        opt.step()
+        opt.zero_grad()
+        diags.append(opt.diagnostics())
+    return {"diags": diags, "params": params_of(model)}
+
+
+@pytest.mark.parametrize("method", ["sum", "normalize"])
+def test_fsdp2_split_estimator_matches_single_process(method: str) -> None:
+    """FSDP2 with estimator="split": unbiased norms, noise traces and parameters equal the global-batch run."""
+    _require(method)
+    schedule = {r: FSDP_SPLIT_SCHEDULE for r in range(WORLD)}
+    want_diags, want_params = reference(method, schedule=schedule, estimator="split")
+    results = run_ranks(_fsdp_split_worker, WORLD, method, FSDP_SPLIT_SCHEDULE, timeout=TIMEOUT)
+    for res in results:
+        for got, want in zip(res["diags"], want_diags):
+            assert got["num_microbatches/a"] == 2 * WORLD
+            assert_diag_equal(got, want)
+            assert_split_equal(got, want, TASKS)
+        assert_params_equal(res["params"], want_params)
+    assert results[0]["diags"] == results[1]["diags"]
+
+
+# ----------------------------------------------------------------------------- mixed-task batches: opt.backward({task: loss})
+# each micro-batch mixes two tasks in one forward; rank 0 mixes a+b, rank 1 a+c under DDP
+MIXED_M = 2
+
+
+def mixed_losses(model: nn.Module, step: int, rank: int, micro: int, tasks: list[str], scale: float) -> dict[str, torch.Tensor]:
+    """One forward over the concatenated rows of ``tasks``, split into per-task losses (each × scale)."""
+    parts = [batch(step, rank, micro, t) for t in tasks]
+    x = torch.cat([p[0] for p in parts])
+    out = model(x)
+    losses, row = {}, 0
+    for t, (xt, yt) in zip(tasks, parts):
+        losses[t] = ((out[row : row + len(xt)] - yt) ** 2).mean() * scale
+        row += len(xt)
+    return losses
+
+
+def mixed_reference(method: str, mix: dict[int, list[str]]) -> tuple[list[dict], list[torch.Tensor]]:
+    model = make_model()
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, method=method)
+    diags = []
+    for step in range(STEPS):
+        for rank in range(WORLD):
+            for i in range(MIXED_M):
+                opt.backward(mixed_losses(model, step, rank, i, mix[rank], 1.0 / (MIXED_M * WORLD)))
+        opt.step()
+        opt.zero_grad()
+        diags.append(opt.diagnostics())
+    return diags, params_of(model)
+
+
+def _mixed_worker(rank: int, world: int, method: str, kind: str, mix: dict[int, list[str]], sync: str = "auto") -> dict:
+    base = make_model()
+    if kind == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(base[0], mesh=mesh)
+        fully_shard(base[2], mesh=mesh)
+        fully_shard(base, mesh=mesh)
+        model = base
+    else:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(base)
+    opt = BalancedOptimizer(torch.optim.SGD(base.parameters(), lr=0.1), tasks=TASKS, method=method, sync=sync)
+    diags = []
+    for step in range(STEPS):
+        for i in range(MIXED_M):
+            last = i == MIXED_M - 1
+            # DDP "buffers": every micro-step under no_sync; "ddp": DDP syncs the last one
+            ctx = model.no_sync() if kind == "ddp-buffers" or (kind == "ddp" and not last) else _null()
+            with ctx:
+                opt.backward(mixed_losses(model, step, rank, i, mix[rank], 1.0 / MIXED_M))
+        try:
+            opt.step()
+        except DistributedStateError as exc:
+            return {"error": str(exc)}
+        opt.zero_grad()
+        diags.append(opt.diagnostics())
+    return {"diags": diags, "params": params_of(base), "mode": opt.distributed.last_mode}
+
+
+@pytest.mark.parametrize("kind", ["ddp-buffers", "fsdp2"])
+def test_mixed_loss_backward_matches_single_process(kind: str) -> None:
+    """The mixed-batch fallback gives the single-process per-task figures and update under DDP and FSDP2."""
+    method = "normalize" if "normalize" in available_methods() else "mean"
+    # FSDP2 reduce-scatters every backward: every rank passes the same tasks in the same order
+    mix = {0: ["a", "b"], 1: ["a", "b"]} if kind == "fsdp2" else {0: ["a", "b"], 1: ["c", "a"]}
+    want_diags, want_params = mixed_reference(method, mix)
+    results = run_ranks(_mixed_worker, WORLD, method, kind, mix, timeout=TIMEOUT)
+    for res in results:
+        assert res["mode"] == ("fsdp2" if kind == "fsdp2" else "buffers")
+        for got, want in zip(res["diags"], want_diags):
+            assert_diag_equal(got, want)
+        assert_params_equal(res["params"], want_params)
+    assert results[0]["diags"] == results[1]["diags"]
+
+
+@pytest.mark.parametrize("sync", ["auto", "ddp"])
+def test_mixed_loss_backward_with_ddp_sync_on_raises_on_every_rank(sync: str) -> None:
+    """DDP all-reduces only the first backward over a forward: a synced mixed-loss micro-step is refused clearly."""
+    mix = {0: ["a", "b"], 1: ["c", "a"]}
+    r0, r1 = run_ranks(_mixed_worker, WORLD, "sum", "ddp", mix, sync, timeout=TIMEOUT)
+    assert "error" in r0 and r0["error"] == r1["error"]
+    assert "opt.backward" in r0["error"] and "no_sync" in r0["error"]
 
 
 # ----------------------------------------------------------------------------- pure helpers
