@@ -414,12 +414,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
         # ---- task-level Gram (halves summed), extended with the untagged part as a last entry
         groups = [task_rows[t] for t in task_ids] + ([[untagged_row]] if untagged_row is not None else [])
-        agg = torch.zeros(len(groups), n, dtype=torch.float64)
-        for gi, members in enumerate(groups):
-            agg[gi, members] = 1.0
+        agg = self._group_rows(groups, n)
         gram_ext = agg @ row_gram @ agg.T
         k = len(task_ids)
-        gram = gram_ext[:k, :k]
         total_sq = float(gram_ext.sum())
         total_dot = float(agg.sum(0) @ grad_dots)
 
@@ -441,9 +438,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
                     "the wrapper's hooks. Parameters were not updated."
                 )
 
-        ctx = MethodContext(tasks=tuple(names), step=self.num_steps, generator=self.generator)
-        coef = check_coefficients(self.method(gram.clone(), ctx), names, self.method_name) if k else torch.zeros(0, dtype=torch.float64)
-        coef_ext = torch.cat([coef, torch.ones(len(groups) - k, dtype=torch.float64)])
+        coef, coef_ext = self._coefficients(gram_ext, names)
         if k and not bool(torch.all(coef == 1.0)):
             weights = torch.zeros(n, dtype=torch.float64)
             for t_i, members in enumerate(groups[:k]):
@@ -454,6 +449,25 @@ class BalancedOptimizer(torch.optim.Optimizer):
             names, task_ids, task_rows, untagged_row, row_gram, gram_ext, coef_ext, scale, grad_sq_f
         )
         return True
+
+    @staticmethod
+    def _group_rows(groups: Sequence[Sequence[int]], n: int) -> torch.Tensor:
+        """``[len(groups), n]`` 0/1 matrix summing buffer rows into groups (a task's halves; untagged)."""
+        agg = torch.zeros(len(groups), n, dtype=torch.float64)
+        for gi, members in enumerate(groups):
+            agg[gi, list(members)] = 1.0
+        return agg
+
+    def _coefficients(self, gram_ext: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The method's coefficients for the ``K = len(names)`` tasks (the first K entries of
+        ``gram_ext``), and the same extended with 1 for the untagged entry if ``gram_ext`` has it."""
+        k = len(names)
+        if k:
+            ctx = MethodContext(tasks=tuple(names), step=self.num_steps, generator=self.generator)
+            coef = check_coefficients(self.method(gram_ext[:k, :k].clone(), ctx), names, self.method_name)
+        else:
+            coef = torch.zeros(0, dtype=torch.float64)
+        return coef, torch.cat([coef, torch.ones(gram_ext.shape[0] - k, dtype=torch.float64)])
 
     def _row_stats(self, with_grads: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gram of all buffer rows ``[n, n]``, their dot products with ``p.grad`` ``[n]`` and ``‖p.grad‖²``.
@@ -550,18 +564,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
         groups = [task_rows[t] for t in good_ids]
         if untagged_row is not None and UNTAGGED not in bad:
             groups.append([untagged_row])
-        agg = torch.zeros(len(groups), n, dtype=torch.float64)
-        for gi, members in enumerate(groups):
-            agg[gi, members] = 1.0
+        agg = self._group_rows(groups, n)
         gram_ext = agg @ row_gram @ agg.T
-        k = len(good_ids)
-        ctx = MethodContext(tasks=tuple(good_names), step=self.num_steps, generator=self.generator)
-        coef = (
-            check_coefficients(self.method(gram_ext[:k, :k].clone(), ctx), good_names, self.method_name)
-            if k
-            else torch.zeros(0, dtype=torch.float64)
-        )
-        coef_ext = torch.cat([coef, torch.ones(len(groups) - k, dtype=torch.float64)])
+        _, coef_ext = self._coefficients(gram_ext, good_names)
         weights = torch.zeros(n, dtype=torch.float64)
         for gi, members in enumerate(groups):
             weights[members] = float(coef_ext[gi])
