@@ -8,10 +8,17 @@ the trainer class and one ``BalancedConfig``::
     python examples/grpo_multitask.py                       # method=normalize + learning-progress mixture
     python examples/grpo_multitask.py --baseline            # method=sum, no schedule: plain GRPO + diagnostics
     python examples/grpo_multitask.py --plain               # trl.GRPOTrainer itself (no balancedmix)
-    accelerate launch --num_processes 2 --cpu examples/grpo_multitask.py --steps 10
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/grpo_multitask.py --steps 10 \
+        --prompts-per-step 2 --gradient-accumulation-steps 2   # 2 processes (DDP), see below
 
 Runs on 2 CPU cores in about a minute with the defaults; writes ``<output-dir>/metrics.jsonl``
 (one line per optimizer step, see docs/trl.md) and prints the per-task figures of the last step.
+
+Under DDP each process's micro-batch must hold a single task (``per-device rows = prompts-per-step
+x num-generations / gradient-accumulation-steps`` equal to ``num-generations``): a micro-batch
+mixing tasks is split into per-task backwards, which DDP cannot all-reduce (docs/trl.md, Limits).
+With several processes the script checks that the final parameters agree across ranks and prints
+``ranks agree``.
 """
 
 from __future__ import annotations
@@ -149,6 +156,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.train()
 
     last = getattr(trainer, "last_balanced_metrics", None) or {}
+    if trainer.accelerator.num_processes > 1:
+        import torch
+
+        flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        fingerprint = torch.stack([flat.sum(), flat.square().sum()]).to(trainer.accelerator.device)
+        every = trainer.accelerator.gather(fingerprint.unsqueeze(0)).cpu()  # [processes, 2]
+        if not torch.allclose(every, every[:1].expand_as(every), rtol=1e-9, atol=0.0):
+            raise RuntimeError(f"parameters differ across ranks after training: {every.tolist()}")
+        if trainer.accelerator.is_main_process:
+            print(f"ranks agree: identical parameters on {trainer.accelerator.num_processes} processes")
     if trainer.accelerator.is_main_process:
         tasks = list(TASK_SIZES)
         for task in tasks:

@@ -538,3 +538,53 @@ def test_mixin_on_a_user_subclass(tok, tmp_path):
     (record,) = read_jsonl(tmp_path / "logs" / "metrics.jsonl")
     present = [t for t in TASKS if record[f"num_samples/{t}"] > 0]
     assert all(record[f"coef/{t}"] == pytest.approx(1 / len(present)) for t in present)
+
+
+# ----------------------------------------------------------------------------- 2 processes (DDP) end to end
+@pytest.mark.slow
+def test_grpo_example_two_processes_agree(tmp_path):
+    """``examples/grpo_multitask.py`` under ``torchrun --nproc_per_node 2`` on CPU (DDP): the main
+    process's JSONL has every task's keys at every step, ``num_samples`` counts both ranks' rows
+    (the global generation batch), and the final parameters agree across ranks. Micro-batches hold
+    one GRPO group (per-device rows = num_generations), so each is single-task (see docs/trl.md)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    steps, prompts, gens, accum, world = 3, 2, 4, 2, 2
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
+        "examples/grpo_multitask.py", "--steps", str(steps), "--hidden-size", "32", "--prompts-per-step", str(prompts),
+        "--num-generations", str(gens), "--gradient-accumulation-steps", str(accum), "--max-completion-length", "4",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONPATH=str(root))
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False)
+    log = f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    metrics = out / "metrics.jsonl"
+    assert metrics.exists(), log
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), log  # main process only: one line per step
+    global_rows = prompts * gens * world  # prompts-per-step x num-generations on each of the 2 ranks
+    tasks = ("add", "copy", "rev")
+    for r in records:
+        for t in tasks:
+            for key in (f"num_samples/{t}", f"num_microbatches/{t}", f"mixture/weight/{t}"):
+                assert key in r, (r["step"], key)
+            if r[f"num_samples/{t}"] > 0:
+                for key in (f"grad_norm/{t}", f"update_share/{t}", f"coef/{t}", f"reward/{t}/mean"):
+                    assert key in r, (r["step"], key)
+        assert sum(r[f"num_samples/{t}"] for t in tasks) == global_rows, r
+        assert sum(r.get(f"update_share/{t}", 0.0) for t in tasks) == pytest.approx(1.0, abs=1e-5)
+    assert "ranks agree" in proc.stdout, log
+    # torch/gloo can abort (SIGABRT) while tearing down after a complete run; anything else is a failure
+    if proc.returncode != 0:
+        assert "SIGABRT" in proc.stderr or "Signal 6" in proc.stderr or "exitcode  : -6" in proc.stderr, log
