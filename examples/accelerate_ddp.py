@@ -27,16 +27,9 @@ from accelerate import Accelerator
 from balancedmix import BalancedOptimizer
 from balancedmix.demo.toy import build_char_tokenizer, build_tiny_causal_lm
 from balancedmix.logger import JSONLLogger
+from plain_loop import make_example  # the same two synthetic tasks (examples/ is the script's folder)
 
 TASKS = ["add", "rev"]
-
-
-def make_example(task: str, rng: random.Random) -> str:
-    if task == "add":
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        return f"{a}+{b}={a + b}"
-    word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 8)))
-    return f"rev {word}:{word[::-1]}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
