@@ -542,7 +542,10 @@ def test_mixin_on_a_user_subclass(tok, tmp_path):
 
 # ----------------------------------------------------------------------------- 2 processes (DDP) end to end
 @pytest.mark.slow
-def test_grpo_example_two_processes_agree(tmp_path):
+@pytest.mark.parametrize(
+    "prompts, gens", [(2, 4), (4, 2)], ids=["single-task-microbatches", "mixed-microbatches-split"]
+)
+def test_grpo_example_two_processes_agree(tmp_path, prompts, gens):
     """``examples/grpo_multitask.py`` under ``torchrun --nproc_per_node 2`` on CPU (DDP): the main
     process's JSONL has every task's keys at every step, ``num_samples`` counts both ranks' rows
     (the global generation batch), and the final parameters agree across ranks. Micro-batches hold
@@ -558,7 +561,7 @@ def test_grpo_example_two_processes_agree(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    steps, prompts, gens, accum, world = 3, 2, 4, 2, 2
+    steps, accum, world = 3, 2, 2
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
@@ -585,6 +588,8 @@ def test_grpo_example_two_processes_agree(tmp_path):
         assert sum(r[f"num_samples/{t}"] for t in tasks) == global_rows, r
         assert sum(r.get(f"update_share/{t}", 0.0) for t in tasks) == pytest.approx(1.0, abs=1e-5)
     assert "ranks agree" in proc.stdout, log
+    if gens < prompts * gens // accum:  # micro-batches of 4 rows, groups of 2: some mix tasks
+        assert any(r.get("split_microbatches", 0) > 0 for r in records), "no micro-batch was split: the case is not covered"
     # torch/gloo can abort (SIGABRT) while tearing down after a complete run; anything else is a failure
     if proc.returncode != 0:
         assert "SIGABRT" in proc.stderr or "Signal 6" in proc.stderr or "exitcode  : -6" in proc.stderr, log

@@ -353,6 +353,7 @@ class BalancedGRPOMixin:
                 seed=self.args.seed if cfg.seed is None else cfg.seed,
                 nonfinite=cfg.nonfinite,
                 mismatch_tol=cfg.mismatch_tol,
+                sync="buffers",  # DDP: every micro-step runs under no_sync (training_step); ignored otherwise
                 on_step=self._bm_on_optimizer_step,
                 **cfg.method_options,
             )
@@ -459,6 +460,13 @@ class BalancedGRPOMixin:
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         t0 = time.perf_counter()
         with contextlib.ExitStack() as stack:
+            if self._bm_ddp_buffers_sync():
+                # DDP: no micro-step may let DDP all-reduce p.grad. A micro-batch split by task runs
+                # several forwards before its backwards, and DDP reduces at the first backward after a
+                # synced forward, whichever task it belongs to (ranks would diverge). balancedmix
+                # all-reduces the task buffers instead and writes the global p.grad before the clip
+                # (sync="buffers", see _clip_grad_norm).
+                stack.enter_context(self.accelerator.no_sync(model))
             self._bm_stack = stack
             try:
                 loss = super().training_step(model, inputs, num_items_in_batch)
@@ -468,6 +476,18 @@ class BalancedGRPOMixin:
         self._bm_step_loss = self._bm_step_loss + loss.detach().float().mean()  # a tensor: no device sync here
         self._bm_microbatches += 1
         return loss
+
+    def _bm_ddp_buffers_sync(self) -> bool:
+        """Several processes with DDP (not FSDP2): every micro-step runs under ``no_sync``."""
+        opt = getattr(self, "balanced_optimizer", None)
+        return opt is not None and opt.distributed.kind == "ddp"
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        # under DDP p.grad holds this rank's local sum until the buffers are all-reduced: make it the
+        # global gradient first, so the clip (and the logged grad_norm) is the same on every rank
+        if self._bm_ddp_buffers_sync():
+            self.balanced_optimizer.synchronize()
+        return super()._clip_grad_norm(model)
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         stack = self._bm_stack
