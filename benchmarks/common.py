@@ -387,3 +387,24 @@ def flat_grad(params: Sequence[torch.Tensor]) -> torch.Tensor:
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """``‖a − b‖ / max(‖b‖, tiny)``."""
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def suite_main(name: str, title: str, run: Callable[..., dict[str, Any]], doc: str | None, argv: list[str] | None = None) -> int:
+    """Command line of one suite run directly: ``--quick``, ``--repeats N``, ``--out DIR``.
+
+    Writes ``DIR/<name>.json`` (with the machine) and ``DIR/<name>.md``, prints the markdown.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or name).splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy model and sizes (seconds)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 5, quick 2)")
+    parser.add_argument("--out", default=f"benchmarks/results/{name}", help="output directory")
+    args = parser.parse_args(argv)
+    suite = run(quick=args.quick, repeats=args.repeats or (2 if args.quick else 5))
+    out = Path(args.out)
+    write_json(out / f"{name}.json", {"machine": machine_info(), name: suite})
+    text = render_suite(title, suite)
+    (out / f"{name}.md").write_text(text)
+    print(text)
+    return 0

@@ -227,23 +227,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    from pathlib import Path
+    from .common import suite_main
 
-    from .common import machine_info, render_suite, write_json
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", default="benchmarks/results/methods")
-    args = parser.parse_args(argv)
-    suite = run(quick=args.quick, repeats=args.repeats or (2 if args.quick else 5))
-    out = Path(args.out)
-    write_json(out / "methods.json", {"machine": machine_info(), "methods": suite})
-    text = render_suite("Methods vs anchors (CPU)", suite)
-    (out / "methods.md").write_text(text)
-    print(text)
-    return 0
+    return suite_main("methods", "Methods vs anchors (CPU)", run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -143,23 +143,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    from pathlib import Path
+    from .common import suite_main
 
-    from .common import machine_info, render_suite, write_json
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="toy model and sizes (seconds)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 5, quick 2)")
-    parser.add_argument("--out", default="benchmarks/results/overhead", help="output directory")
-    args = parser.parse_args(argv)
-    repeats = args.repeats or (2 if args.quick else 5)
-    suite = run(quick=args.quick, repeats=repeats)
-    out = Path(args.out)
-    write_json(out / "overhead.json", {"machine": machine_info(), "overhead": suite})
-    (out / "overhead.md").write_text(render_suite("Overhead (CPU)", suite))
-    print(render_suite("Overhead (CPU)", suite))
-    return 0
+    return suite_main("overhead", "Overhead (CPU)", run, __doc__, argv)
 
 
 if __name__ == "__main__":
