@@ -248,7 +248,7 @@ def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
 def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     """Pearson correlation of the finite pairs (NaN with < 3 pairs or a constant side)."""
     x, y = _finite_pairs(x, y)
-    if len(x) < 3:
+    if len(x) < 3 or np.ptp(x) == 0.0 or np.ptp(y) == 0.0:  # constant side (its mean can round off it)
         return float("nan")
     dx, dy = x - x.mean(), y - y.mean()
     sx, sy = float(np.abs(dx).max()), float(np.abs(dy).max())

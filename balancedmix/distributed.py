@@ -121,13 +121,17 @@ def _deepspeed_reason(params: Sequence[torch.Tensor], optimizer: Any) -> str | N
 
 
 def values_agree(total: float, total_sq: float, world_size: int) -> bool:
-    """Whether ``world_size`` non-negative integers ``x_r`` (each < 2**26) were all equal, from ``Σ x_r`` and ``Σ x_r²``.
+    """Whether ``world_size`` non-negative integers ``x_r`` were all equal, from ``Σ x_r`` and ``Σ x_r²``.
 
     ``world · Σ x² − (Σ x)² = world² · Var(x)`` is 0 exactly when all are equal (and ≥ world
-    otherwise, for integers), and float64 holds these sums exactly: one SUM all-reduce checks
-    that every rank holds the same value.
+    otherwise, for integers). The two sums come from one float64 SUM all-reduce, exact while
+    ``world · max(x)² < 2**53`` (values < 2**20 — the schedule hash is taken mod 1,000,003 — and
+    fewer than 8192 ranks); the products are then formed in Python integers, where they are exact
+    too (in float64 ``(Σ x)²`` is not, and equal-but-large values could look different or worse,
+    different values equal).
     """
-    return abs(world_size * total_sq - total * total) < 0.5
+    t, t2 = int(round(total)), int(round(total_sq))
+    return world_size * t2 - t * t == 0
 
 
 def canonical_row_keys(num_tasks: int, estimator: str) -> list[tuple]:
