@@ -513,6 +513,13 @@ def test_pcgrad_matches_torchjd_with_the_same_orders(v, seed):
 @settings(max_examples=40, deadline=None)
 @given(v=task_vectors())
 def test_imtl_g_matches_torchjd(v):
+    keep = nonzero_rows(v)
+    # independent gradients with an ill-conditioned Gram (norms orders of magnitude apart): we solve
+    # on the unit-norm Gram, torchjd takes the pseudo-inverse of the raw one, accurate only to
+    # ~cond·eps there; correctness in that regime is checked by the closed-form and equal-projection
+    # tests. Dependent gradients take the same pseudo-inverse path as torchjd and are compared.
+    independent = keep.size and np.linalg.matrix_rank(v[keep]) == keep.size
+    assume(not (independent and np.linalg.cond(v[keep] @ v[keep].T) > 1e8))
     ours = imtl_g_weights(gram_of(v)).numpy()
     theirs = torchjd_aggregation.IMTLGWeighting()(gram_of(v)).numpy()
     assert_vec_close(combine(ours, v), combine(theirs, v), scale_of(v), rel=1e-7, what="imtl_g vs torchjd")
