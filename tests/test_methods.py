@@ -560,6 +560,10 @@ def test_upgrad_matches_torchjd(v):
 @given(v=task_vectors(k_min=2, special=False), c=st.sampled_from([0.2, 0.5, 1.0]))
 def test_cagrad_matches_torchjd(v, c):
     weighting = _torchjd_or_skip(lambda: torchjd_aggregation.CAGradWeighting(c=c, norm_eps=0.0))
+    # near a stalemate (the hull's min-norm point ~1e-5 of the largest gradient, e.g. two opposite
+    # 1-d gradients) both solvers are at their precision limit: equalities there are left out, as
+    # in the invariance tests (found: opposite 1-d pair, c=1)
+    assume(not near_pareto_stationary(v))
     g = gram_of(v)
     ours = combine(cagrad_weights(g, c), v)
     theirs = combine(weighting(g).numpy(), v)
@@ -611,6 +615,11 @@ def test_update_is_scale_equivariant(name, v, exponent, seed):
     if name == "cagrad":
         assume(not near_pareto_stationary(v))
     s = 10.0**exponent
+    if name == "normalize":
+        # normalize's zero threshold is absolute (eps=1e-12, documented): equivariance holds for
+        # tasks that stay above it after scaling (found: a 1e-7 task scaled by 1e-6)
+        norms = np.linalg.norm(v, axis=1)
+        assume(not ((norms > 0) & (norms * min(s, 1.0) <= 1e-10)).any())
     a = combine(make_method(name)(gram_of(v), ctx_for(len(v), seed)), v)
     b = combine(make_method(name)(gram_of(v * s), ctx_for(len(v), seed)), v * s)
     assert_vec_close(a * s, b, scale_of(v) * s, rel=1e-7, what=f"{name} scaled by {s}")
