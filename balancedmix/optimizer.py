@@ -142,7 +142,6 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._active_row: int | None = None
         self._in_context = False
         self._microbatches: dict[int, int] = {}
-        self._untagged_backwards = 0
         self._diagnostics: dict[str, float] = {}
         self._hooks: list[Any] = []
         self._params: list[torch.Tensor] = []
