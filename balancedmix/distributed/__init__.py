@@ -57,10 +57,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .tasks import TaskError, UnknownTaskError
+from ..tasks import TaskError, UnknownTaskError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .buffers import FlatBuffers
+    from ..buffers import FlatBuffers
 
 __all__ = [
     "UnsupportedDistributedError",
