@@ -352,6 +352,39 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     return out
 
 
+def score_prompts(
+    model: Any, tokenizer: Any, dataset: Any, max_new_tokens: int | None = None, batch_size: int = 128
+) -> dict[str, dict[str, list[float]]]:
+    """Greedy held-out scores per prompt: ``{task: {"accuracy": [0/1 …], "reward": […]}}``.
+
+    Lists follow the dataset's row order within each task, so two models scored on the same
+    dataset are paired prompt by prompt (``balancedmix.significance``).
+    ``dataset`` is any sequence of rows with prompt/task/answer (a ``datasets.Dataset`` works).
+    """
+    rows = [dataset[i] for i in range(len(dataset))]
+    if not rows:
+        raise ValueError("evaluate got an empty dataset")
+    if max_new_tokens is None:
+        max_new_tokens = max(len(r["answer"]) for r in rows) + 2
+    completions = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    scores: dict[str, dict[str, list[float]]] = {}
+    for r, c in zip(rows, completions):
+        task = scores.setdefault(r["task"], {"accuracy": [], "reward": []})
+        task["accuracy"].append(float(is_correct(r["task"], c, r["answer"])))
+        task["reward"].append(score(r["task"], c, r["answer"]))
+    return scores
+
+
+def summarize_scores(scores: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, float]:
+    """``{"eval/accuracy/<task>", "eval/reward/<task>", "eval/accuracy/mean"}`` from :func:`score_prompts`."""
+    out: dict[str, float] = {}
+    for task, s in scores.items():
+        out[f"eval/accuracy/{task}"] = sum(s["accuracy"]) / len(s["accuracy"])
+        out[f"eval/reward/{task}"] = sum(s["reward"]) / len(s["reward"])
+    out["eval/accuracy/mean"] = sum(out[f"eval/accuracy/{t}"] for t in scores) / len(scores)
+    return out
+
+
 def evaluate(
     model: Any, tokenizer: Any, dataset: Any, max_new_tokens: int | None = None, batch_size: int = 128
 ) -> dict[str, float]:
@@ -360,20 +393,4 @@ def evaluate(
     ``dataset`` is any sequence of rows with prompt/task/answer (a ``datasets.Dataset`` works).
     Also returns ``eval/accuracy/mean`` (unweighted mean over tasks).
     """
-    rows = [dataset[i] for i in range(len(dataset))]
-    if not rows:
-        raise ValueError("evaluate got an empty dataset")
-    if max_new_tokens is None:
-        max_new_tokens = max(len(r["answer"]) for r in rows) + 2
-    completions = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
-    hits: dict[str, list[float]] = {}
-    rewards: dict[str, list[float]] = {}
-    for r, c in zip(rows, completions):
-        hits.setdefault(r["task"], []).append(float(is_correct(r["task"], c, r["answer"])))
-        rewards.setdefault(r["task"], []).append(score(r["task"], c, r["answer"]))
-    out: dict[str, float] = {}
-    for task in hits:
-        out[f"eval/accuracy/{task}"] = sum(hits[task]) / len(hits[task])
-        out[f"eval/reward/{task}"] = sum(rewards[task]) / len(rewards[task])
-    out["eval/accuracy/mean"] = sum(out[f"eval/accuracy/{t}"] for t in hits) / len(hits)
-    return out
+    return summarize_scores(score_prompts(model, tokenizer, dataset, max_new_tokens, batch_size))
