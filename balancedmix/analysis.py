@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .logger import read_jsonl
+from .significance import windowed_gain
 
 __all__ = [
     "Run",
@@ -55,6 +56,9 @@ __all__ = [
     "sqnorm_ratio",
     "zero_gradient_tasks",
     "task_gradient_table",
+    "signal_noise_table",
+    "paper_gain_series",
+    "default_gain_window",
     "cosine_matrix",
     "reward_learning_gain",
     "windowed_learning_gain",
@@ -391,6 +395,55 @@ def task_gradient_table(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
+def signal_noise_table(run: Run) -> list[dict[str, Any]]:
+    """Per task: how much of its raw squared gradient norm is sampling noise (split estimator).
+
+    ``E‖ĝ‖² = ‖g‖² + tr Σ / n``: the raw squared norm of a mini-batch gradient holds the true
+    (mean-gradient) part and a noise part. With the split-half unbiased estimate ``‖g‖²_u`` of the
+    true part, the noise share is ``1 − mean ‖g‖²_u / mean ‖ĝ‖²`` over the run's steps. The
+    gradient noise scale ``tr Σ / ‖g‖²`` (in samples: the batch size at which noise and signal are
+    equal) is the median over steps of ``noise_scale/<task>``. ``signal resolved`` is True when the
+    mean unbiased estimate exceeds twice its standard error over steps (a ratio of such tasks'
+    norms measures signal; otherwise it measures noise). NaN columns when the run was logged
+    without the split estimator.
+    """
+    rows = []
+    for t in run.tasks:
+        raw = run.series(f"grad_norm/{t}") ** 2
+        unb = run.series(f"grad_sqnorm_unbiased/{t}")
+        both = np.isfinite(raw) & np.isfinite(unb)
+        if both.any():
+            mean_raw, mean_unb = float(raw[both].mean()), float(unb[both].mean())
+            share = 1.0 - mean_unb / mean_raw if mean_raw > 0 else float("nan")
+            n = int(both.sum())
+            se = float(unb[both].std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
+            resolved = bool(mean_unb > 2 * se)
+        else:
+            share, mean_unb, resolved = float("nan"), float("nan"), False
+        scale = run.series(f"noise_scale/{t}")
+        scale = scale[np.isfinite(scale)]
+        rows.append(
+            {
+                "task": t,
+                "noise share of raw ‖g‖²": share,
+                "noise scale (samples)": float(np.median(scale)) if len(scale) else float("nan"),
+                "mean ‖g‖² unbiased": mean_unb,
+                "signal resolved": resolved,
+            }
+        )
+    return rows
+
+
+def paper_gain_series(run: Run, window: int) -> dict[str, np.ndarray]:
+    """Per task, the paper's ``Gain(t)`` over the run's steps (:func:`balancedmix.significance.windowed_gain`)."""
+    return {t: windowed_gain(_reward_series(run, t), window) for t in run.tasks}
+
+
+def default_gain_window(run: Run) -> int:
+    """Our default window ``s`` for ``Gain(t)``: a tenth of the run's steps, at least 1 (the paper gives none)."""
+    return max(1, len(run.steps) // 10)
+
+
 def cosine_matrix(run: Run) -> np.ndarray:
     """``float64 [K, K]`` mean over steps of ``cos/<a>/<b>`` (either key order), 1 on the diagonal."""
     k = len(run.tasks)
@@ -608,13 +661,16 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_plots(runs: Sequence[Run], out: str | os.PathLike[str]) -> dict[str, Path]:
+def write_plots(runs: Sequence[Run], out: str | os.PathLike[str], gain_window: int | None = None) -> dict[str, Path]:
     """Write the report's PNGs into ``out``; returns ``{figure name: path}``.
 
     Figures: ``grad_norms`` (per-task ‖g‖ over steps, raw solid, noise-corrected dashed),
     ``norm_ratio`` (max/min ratio over steps), ``update_share`` (stacked area), ``cosine``
     (mean cosine heatmap), ``learning_gain`` (gain vs mean ‖g‖², and ‖g‖² beside the gain per
-    window of steps), ``accuracy`` (final held-out accuracy per task and run, when evaluated).
+    window of steps), ``paper_gain`` (the paper's central plot for the baseline run: per-task
+    ‖g‖² over training beside the windowed reward gain ``Gain(t)`` with window ``gain_window``
+    steps, default :func:`default_gain_window`), ``accuracy`` (final held-out accuracy per task
+    and run, when evaluated).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -708,6 +764,28 @@ def write_plots(runs: Sequence[Run], out: str | os.PathLike[str]) -> dict[str, P
     _legend(axes[2], fontsize=6)
     paths["learning_gain"] = _save(fig, out / "learning_gain.png")
 
+    base = _baseline(runs)
+    s_win = gain_window or default_gain_window(base)
+    gains = paper_gain_series(base, s_win)
+    fig, axes = _figure(2, width=4.6)
+    w = max(1, len(base.steps) // 15)
+    for t in base.tasks:
+        g2 = base.series(f"grad_norm/{t}") ** 2
+        axes[0].plot(base.steps, rolling_mean(g2, w), color=colors[t], lw=1.5, label=f"{t} raw")
+        u = base.series(f"grad_sqnorm_unbiased/{t}")
+        if np.isfinite(u).any():
+            um = rolling_mean(u, w)
+            axes[0].plot(base.steps, np.where(um > 0, um, np.nan), color=colors[t], lw=1.1, ls="--")
+        axes[1].plot(base.steps, gains[t], color=colors[t], lw=1.5, label=t)
+    _log_scale(axes[0])
+    axes[0].set_title(f"{base.name}: per-task |g|^2 (rolling {w}; dashed: noise-corrected)", fontsize=8)
+    axes[1].axhline(0.0, color="grey", lw=0.8)
+    axes[1].set_title(f"{base.name}: training-reward gain Gain(t), window s={s_win}", fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    paths["paper_gain"] = _save(fig, out / "paper_gain.png")
+
     if any(r.evals for r in runs):
         tasks = list(colors)
         fig, axes = _figure(1, width=max(5.0, 1.4 * len(tasks) * max(1, n) / 2))
@@ -783,6 +861,25 @@ def _findings(runs: Sequence[Run], strong: float) -> list[str]:
                 f"**Noise correction.** The unbiased squared-norm estimate of `{u_lo}` averages ≤ 0: its mini-batch "
                 "gradient is indistinguishable from noise at this batch size, so its raw norm is mostly noise."
             )
+    noise = [r for r in signal_noise_table(base) if math.isfinite(r["noise share of raw ‖g‖²"])]
+    if noise:
+        words = "; ".join(
+            f"{100 * max(0.0, min(1.0, r['noise share of raw ‖g‖²'])):.0f} % of `{r['task']}`'s"
+            + ("" if r["signal resolved"] else " (signal not resolved from noise)")
+            for r in noise
+        )
+        unresolved = [r["task"] for r in noise if not r["signal resolved"]]
+        lines.append(
+            f"**Signal vs noise.** At this batch size, {words} raw squared gradient norm is sampling noise. "
+            + (
+                "Ratios between tasks involving "
+                + ", ".join(f"`{t}`" for t in unresolved)
+                + " measure noise, not signal: their noise-corrected norm is within two standard errors of 0."
+                if unresolved
+                else "Every task's noise-corrected norm is resolved (more than two standard errors above 0), so the "
+                "noise-corrected ratios above measure signal."
+            )
+        )
     sq = _mean_sqnorms(base, unbiased=False)
     ev = eval_learning_gain(base)
     rg = reward_learning_gain(base)
@@ -865,19 +962,24 @@ def _findings(runs: Sequence[Run], strong: float) -> list[str]:
 
 
 def write_report(
-    runs: Sequence[Run], out: str | os.PathLike[str], title: str = "balancedmix report", strong: float = 0.7
+    runs: Sequence[Run],
+    out: str | os.PathLike[str],
+    title: str = "balancedmix report",
+    strong: float = 0.7,
+    gain_window: int | None = None,
 ) -> Path:
     """Write ``out/report.md`` with every table and plot; returns its path.
 
     Sections: Findings, Runs compared, Per-task gradients, Gradient norm over steps, Update
     share, Task-gradient cosines, Learning gain vs gradient norm, Correlation with training
     statistics. ``strong`` is the |Spearman| above which a statistic counts as explaining the
-    gradient norm.
+    gradient norm. ``gain_window``: the window ``s`` (steps) of the paper's ``Gain(t)`` (default
+    :func:`default_gain_window`).
     """
     if not runs:
         raise ValueError("write_report needs at least one run")
     out = Path(out)
-    plots = write_plots(runs, out)
+    plots = write_plots(runs, out, gain_window=gain_window)
 
     def img(name: str, alt: str) -> str:
         return f"![{alt}]({plots[name].name})\n" if name in plots else ""
@@ -916,6 +1018,21 @@ def write_report(
                 ]
             )
         )
+    base = _baseline(runs)
+    parts.append("\n## Signal and noise per task\n\n")
+    parts.append(
+        f"`{base.name}`. The raw squared norm of a mini-batch gradient is the true squared norm plus tr Σ / n (sampling "
+        "noise); the split-half estimator separates them. `noise scale`: tr Σ / ‖g‖², the batch size (in samples) "
+        "at which noise equals signal.\n\n"
+    )
+    parts.append(markdown_table(signal_noise_table(base)))
+    parts.append("\n## The paper's central plot: gradient size vs learning gain over training\n\n")
+    parts.append(
+        "Left: per-task squared gradient norm over training; right: the windowed training-reward gain "
+        "Gain(t) = mean reward over the next s steps − mean over the previous s steps (the paper's definition; "
+        "s is ours, the paper does not report it).\n\n"
+    )
+    parts.append(img("paper_gain", "squared gradient norm beside learning gain"))
     parts.append("\n## Gradient norm over steps\n\n")
     parts.append(
         "Faint: raw per-task norm ‖g_t‖ at each step; solid: root of its rolling mean square; dashed: root of the "

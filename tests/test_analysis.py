@@ -317,7 +317,7 @@ def test_report_sections_plots_and_findings(tmp_path):
     for section in SECTIONS:
         assert section in text
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted(["grad_norms.png", "norm_ratio.png", "update_share.png", "cosine.png", "learning_gain.png", "accuracy.png"])
+    assert pngs == sorted(["grad_norms.png", "norm_ratio.png", "update_share.png", "cosine.png", "learning_gain.png", "paper_gain.png", "accuracy.png"])
     for p in out.glob("*.png"):
         assert p.read_bytes()[:8] == PNG_MAGIC
         assert f"]({p.name})" in text
