@@ -198,10 +198,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------------- local assets
 def suite_reward(prompts: Sequence[Any], completions: Sequence[Any], task: Sequence[str], answer: Sequence[str], **kwargs: Any) -> list[float]:
-    """Reward of the synthetic suite (``balancedmix.demo.suite``): each row scored by its own task's rule, in [0, 1]."""
+    """Reward of the synthetic suite (``balancedmix.demo.suite``) for a model trained from scratch.
+
+    Each row gets its task's score (:func:`balancedmix.demo.suite.score`, in [0, 1]) or, when
+    higher, a dense partial credit in [0, 0.5] over the completion's first ``len(answer)``
+    characters (a quarter for the fraction of the answer's kind, digits or letters, a quarter for
+    the fraction in the answer's alphabet), a signal a random-init model can climb.
+    """
     from .demo.suite import score
 
-    return [score(t, c, a) for c, t, a in zip(completions, task, answer)]
+    out = []
+    for c, t, a in zip(completions, task, answer):
+        text = "".join(str(c[-1]["content"] if isinstance(c, list) and c else c).split())
+        head = text[: len(a)]
+        kind = str.isdigit if a.isdigit() else str.isalpha
+        partial = 0.25 * (sum(kind(ch) for ch in head) + sum(ch in a for ch in head)) / max(len(a), 1)
+        out.append(max(score(t, c, a), partial))
+    return out
 
 
 def write_tiny_assets(out: str | os.PathLike[str], *, n_train_per_task: int = 32, n_eval_per_task: int = 8, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> dict[str, str]:

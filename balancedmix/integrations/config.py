@@ -175,7 +175,8 @@ class BalancedGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()  # also parses JSON strings of the dict fields
+        # JSON strings of the dict fields (the command line) are parsed here, with an error naming
+        # the field, before GRPOConfig.__post_init__ would try them itself
         for name in ("balanced_method_options", "balanced_schedule_options"):
             value = getattr(self, name)
             if value is None:
@@ -189,6 +190,7 @@ class BalancedGRPOConfig(GRPOConfig):
             if not isinstance(getattr(self, name), Mapping):
                 raise ValueError(f"{name} must be a mapping (a JSON object on the command line), got {getattr(self, name)!r}")
             setattr(self, name, dict(getattr(self, name)))
+        super().__post_init__()
         if isinstance(self.balanced_schedule, Mapping):
             raise ValueError(
                 "balanced_schedule names a schedule; for fixed weights use balanced_schedule: fixed and "
