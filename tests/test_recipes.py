@@ -388,3 +388,34 @@ def test_grpo_cli_two_processes(assets, tmp_path):
     assert all(sum(r[f"num_samples/{t}"] for t in tasks) == 16 for r in records), log
     if proc.returncode != 0:  # torch/gloo can abort while tearing down after a complete run
         assert "SIGABRT" in proc.stderr or "Signal 6" in proc.stderr or "exitcode  : -6" in proc.stderr, log
+
+
+def test_grpo_cli_bad_input_exits_2(tmp_path, capsys):
+    """A missing recipe, an unknown YAML key, or a bad balanced_* value: exit status 2 and the reason."""
+    from balancedmix.cli import main
+
+    assert main(["grpo", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path}\nuse_cpu: true\nbf16: false\nbalanced_methd: pcgrad\n")
+    assert main(["grpo", "--config", str(recipe)]) == 2
+    assert "balanced_methd" in capsys.readouterr().err
+    recipe.write_text(f"output_dir: {tmp_path}\nuse_cpu: true\nbf16: false\nbalanced_method: nope\n")
+    assert main(["grpo", "--config", str(recipe)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_load_train_dataset_from_disk(tmp_path, assets):
+    """dataset_name may be a save_to_disk folder: a DatasetDict as is, a single Dataset as the train split."""
+    from datasets import Dataset
+
+    from balancedmix.recipes import load_train_dataset
+
+    script = GRPOScriptArguments(dataset_name=assets["data"])
+    mixture = DatasetMixtureConfig()
+    assert set(load_train_dataset(script, mixture)) == {"train", "test"}
+    Dataset.from_list([{"prompt": "1+1=", "task": "add", "answer": "2"}]).save_to_disk(str(tmp_path / "one"))
+    script = GRPOScriptArguments(dataset_name=str(tmp_path / "one"), dataset_train_split="mine")
+    assert load_train_dataset(script, mixture)["mine"]["task"] == ["add"]
+    with pytest.raises(ValueError, match="no dataset"):
+        load_train_dataset(GRPOScriptArguments(), mixture)
