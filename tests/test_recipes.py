@@ -91,6 +91,12 @@ def test_cli_args_parse_every_field(tmp_path):
     _check_every_field(args)
 
 
+def test_tasks_comma_separated(tmp_path):
+    parser = HfArgumentParser(BalancedGRPOConfig)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), *CPU, "--balanced_tasks", "a,b", "c"])
+    assert args.balanced_tasks == ["a", "b", "c"]
+
+
 def test_trl_parser_no_seed_clash(tmp_path):
     """TrlParser((GRPOConfig, ..., BalancedConfig)) clashed on --seed; the balancedmix seed is balanced_seed."""
     parser = TrlParser((GRPOScriptArguments, BalancedGRPOConfig, ModelConfig, DatasetMixtureConfig))

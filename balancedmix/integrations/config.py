@@ -198,10 +198,9 @@ class BalancedGRPOConfig(GRPOConfig):
             )
         if isinstance(self.balanced_schedule, str) and self.balanced_schedule.strip().lower() in ("", "none"):
             self.balanced_schedule = None
-        if isinstance(self.balanced_tasks, str):
-            self.balanced_tasks = [t.strip() for t in self.balanced_tasks.split(",") if t.strip()]
-        elif self.balanced_tasks is not None:
-            self.balanced_tasks = [str(t) for t in self.balanced_tasks]
+        if self.balanced_tasks is not None:  # a list, "a,b", or ["a,b", "c"] from the command line
+            items = [self.balanced_tasks] if isinstance(self.balanced_tasks, str) else list(self.balanced_tasks)
+            self.balanced_tasks = [t.strip() for item in items for t in str(item).split(",") if t.strip()]
         self.balanced_order_by_task = _order_text(self.balanced_order_by_task)
         if self.balanced_order_by_task not in ("auto", "true", "false"):
             raise ValueError(f"balanced_order_by_task must be auto, true or false, got {self.balanced_order_by_task!r}")
