@@ -6,6 +6,9 @@ warm start) through ``BalancedGRPOTrainer``, and a report comparing them.
 
 ``balancedmix report RUN_DIR...``: the same report for any balancedmix runs (folders holding a
 ``metrics.jsonl``, or the JSONL files themselves).
+
+``balancedmix grpo --config recipe.yaml [--flag value ...]``: ``trl grpo`` with balancedmix
+(``balancedmix.recipes``; docs/recipes.md).
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grpo(args: argparse.Namespace) -> int:
+    from .recipes import main as grpo_main
+
+    return grpo_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="balancedmix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="balancedmix_report", help="output folder (default: balancedmix_report)")
     report.add_argument("--title", default="balancedmix report")
     report.set_defaults(func=_report)
+
+    # every argument goes to balancedmix.recipes' TrlParser (its own --help, --config and flags)
+    grpo = sub.add_parser(
+        "grpo",
+        help="`trl grpo` with balancedmix: a YAML recipe (--config) and GRPOConfig/balanced_* flags (see --help)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    grpo.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    grpo.set_defaults(func=_grpo)
     return parser
 
 

@@ -78,7 +78,7 @@ def make_args(tmp_path, **overrides) -> GRPOConfig:
         logging_steps=1,
         learning_rate=0.05,
         seed=0,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -105,7 +105,7 @@ def make_trainer(cls, tok, tmp_path, dataset=None, reward=None, **kwargs):
         ("dapo", "auto", {}),
         ("dapo", False, {}),
         ("bnpo", "auto", {}),
-        ("grpo", False, {"gradient_checkpointing": True}),
+        ("grpo", False, {"activation_checkpointing": True}),
         ("dapo", "auto", {"steps_per_generation": 4, "num_iterations": 2}),
     ],
     ids=["dapo-ordered", "dapo-split", "bnpo-split", "grpo-split-checkpointing", "dapo-ordered-spg4-mu2"],

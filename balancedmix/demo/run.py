@@ -205,7 +205,7 @@ def _grpo_args(cfg: DemoConfig, out: Path, steps: int, seed: int) -> Any:
         bf16=False,
         fp16=False,
         use_cpu=on_cpu,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         dataloader_num_workers=0,
         seed=seed,
         data_seed=seed,

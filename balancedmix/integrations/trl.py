@@ -47,6 +47,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -69,6 +70,8 @@ __all__ = [
     "TASK_REWARDS_KEY",
     "REORDER_SAFE_LOSS_TYPES",
     "METRICS_FILENAME",
+    "REPORT_KEY_LEVELS",
+    "report_key_level",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +100,38 @@ _MULTIMODAL_KEYS = (
     "num_images",
     "num_tiles",
 )
+
+REPORT_KEY_LEVELS = ("minimal", "standard", "all")
+"""Tracker verbosity levels of ``BalancedConfig.report_keys`` (each level includes the previous)."""
+
+# keys reported from "minimal" up: the per-task figures a baseline/corrected comparison needs
+_MINIMAL_KEY = re.compile(r"^(reward/.+/mean|update_share/.+|mixture/weight/.+|nonfinite/.+)$")
+# keys reported only at "all": O(K^2) cosines, distribution details, and run-level duplicates
+# (grad_norm/total is the Trainer's own grad_norm); metrics.jsonl keeps them at every level
+_ALL_ONLY_KEY = re.compile(
+    r"^(cos/.+|advantage/.+|completion_length/.+|num_microbatches/.+|reward/.+/std|buffer_bytes|grad_norm/total"
+    r"|grad_sqnorm_unbiased/.+|noise_trace/.+|mixture/task_epochs/.+)$"
+)
+
+
+def report_key_level(key: str) -> str:
+    """The lowest ``report_keys`` level at which a per-step metric ``key`` reaches the trackers.
+
+    ``"minimal"``: ``reward/<task>/mean``, ``update_share/<task>``, ``mixture/weight/<task>``,
+    ``nonfinite/<task>``. ``"all"`` only: ``cos/<a>/<b>``, ``advantage/...``,
+    ``completion_length/...``, ``num_microbatches/<task>``, ``reward/<task>/std``,
+    ``buffer_bytes``, ``grad_norm/total`` (= the Trainer's ``grad_norm``),
+    ``grad_sqnorm_unbiased/<task>``, ``noise_trace/<task>``, ``mixture/task_epochs/<task>``.
+    Everything else (``grad_norm/<task>``, ``coef/<task>``, ``num_samples/<task>``,
+    ``grad_norm/update``, ``grad_scale``, ``grad_norm_unbiased/<task>``, ``noise_scale/<task>``,
+    ``split_microbatches``, and keys this table does not name) is ``"standard"``.
+    """
+    if _MINIMAL_KEY.match(key):
+        return "minimal"
+    if _ALL_ONLY_KEY.match(key):
+        return "all"
+    return "standard"
+
 
 # per-task accumulator columns (float64 [K, 7])
 _N, _NR, _RSUM, _RSQ, _ASUM, _AABS, _LSUM = range(7)
@@ -127,6 +162,9 @@ class BalancedConfig:
         nonfinite: ``BalancedOptimizer`` policy for NaN/Inf task gradients.
         mismatch_tol: ``BalancedOptimizer`` tolerance on the uniform-rescale check of ``p.grad``.
         seed: seed of the method's generator (PCGrad order); ``None`` uses ``args.seed``.
+        report_keys: which per-step keys go to ``trainer._metrics`` (so ``log_history`` and every
+            ``report_to`` tracker): ``"minimal"``, ``"standard"`` or ``"all"`` (see
+            :func:`report_key_level`); ``metrics.jsonl`` always keeps every key.
     """
 
     task_key: TaskKey = "task"
@@ -141,8 +179,11 @@ class BalancedConfig:
     nonfinite: str = "error"
     mismatch_tol: float = 1e-3
     seed: int | None = None
+    report_keys: str = "all"
 
     def __post_init__(self) -> None:
+        if self.report_keys not in REPORT_KEY_LEVELS:
+            raise ValueError(f"BalancedConfig.report_keys must be one of {list(REPORT_KEY_LEVELS)}, got {self.report_keys!r}")
         if self.estimator not in ("raw", "split"):
             raise ValueError(f"BalancedConfig.estimator must be 'raw' or 'split', got {self.estimator!r}")
         if self.order_by_task not in ("auto", True, False):
@@ -243,6 +284,16 @@ class BalancedGRPOMixin:
 
     def __init__(self, *args: Any, balanced: BalancedConfig | None = None, optimizer_cls_and_kwargs: Any = None, **kwargs: Any) -> None:
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+        train_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        from_args = getattr(train_args, "to_balanced_config", None)
+        if callable(from_args):  # a BalancedGRPOConfig: the balancedmix settings are part of args
+            if balanced is not None or overrides:
+                given = ["balanced"] if balanced is not None else sorted(overrides)
+                raise ValueError(
+                    f"args is a {type(train_args).__name__}, which holds the balancedmix settings, and {given} were "
+                    "also given; set them once: in args (balanced_* fields) or with a plain GRPOConfig and balanced=..."
+                )
+            balanced = from_args()
         config = balanced if balanced is not None else BalancedConfig()
         if not isinstance(config, BalancedConfig):
             raise TypeError(f"balanced must be a BalancedConfig, got {type(config).__name__}")
@@ -657,9 +708,11 @@ class BalancedGRPOMixin:
         if self.mixture_sampler is not None:
             metrics.update(self.mixture_sampler.metrics())
         sink = self._metrics["train"]
-        for key, value in metrics.items():
-            sink[key].append(float(value))
-        sink["split_microbatches"].append(float(self._bm_split_count))
+        level = REPORT_KEY_LEVELS.index(self.balanced.report_keys)
+        tracked = dict(metrics, split_microbatches=float(self._bm_split_count))
+        for key, value in tracked.items():
+            if REPORT_KEY_LEVELS.index(report_key_level(key)) <= level:
+                sink[key].append(float(value))
         loss_t = torch.as_tensor(self._bm_step_loss, dtype=torch.float32)
         if self.accelerator.num_processes > 1:
             loss_t = self.accelerator.reduce(loss_t.to(self.accelerator.device), reduction="mean")
