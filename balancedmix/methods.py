@@ -713,6 +713,9 @@ class IMTLG:
 #    sub-blocks are not singular to working precision, equal to the exact answer for the given
 #    Gram (an ill-conditioned Gram moves the exact answer by up to ~1e-4 of the gradients' size
 #    for a one-ulp change of its entries: nothing from the Gram alone is more precise than that).
+#    Skipped on a numerically singular Gram (an eigenvalue of the unit Gram ≤ K·eps of the
+#    largest: exactly dependent gradients), whose entries carry rounding noise in the dependent
+#    directions that an exact solve would follow.
 #
 # If stage 2 still does not satisfy the optimality check, a warning is logged (once per set of
 # tasks) and the best point found is used.
@@ -730,11 +733,19 @@ _EPS_LD = float(np.finfo(_LD).eps)
 _UPGRAD_WARNED: set[tuple[Any, ...]] = set()
 
 
-def _psd_factor(h: np.ndarray) -> np.ndarray:
-    """``R`` (``[n, n]``) with ``RᵀR`` the positive semi-definite part of the symmetric ``h``
-    (eigenvalues below 0, e.g. rounding in a Gram accumulated in float32, are set to 0)."""
+def _psd_factor(h: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``R`` (``[n, n]``) with ``RᵀR`` the positive semi-definite part of the symmetric ``h``, and
+    whether ``h`` is numerically singular.
+
+    Eigenvalues at or below ``n·eps`` times the largest are rounding noise of the Gram (exactly
+    dependent gradients give such eigenvalues, of either sign): they are set to 0, so those
+    directions count as exactly dependent; negative ones (a Gram accumulated in float32) too.
+    """
     lam, q = np.linalg.eigh(0.5 * (h + h.T))
-    return np.sqrt(np.clip(lam, 0.0, None))[:, None] * q.T
+    floor = h.shape[0] * np.finfo(np.float64).eps * max(float(lam[-1]), 0.0) if lam.size else 0.0
+    singular = bool(lam.size and lam[0] <= floor)
+    lam = np.where(lam > floor, lam, 0.0)
+    return np.sqrt(lam)[:, None] * q.T, singular
 
 
 def _ls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -953,19 +964,27 @@ def _dual_cone_refine(g: np.ndarray, u: np.ndarray, v0: np.ndarray) -> np.ndarra
     return None
 
 
-def _dual_cone(g: np.ndarray, u: np.ndarray, factor: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+def _dual_cone(
+    g: np.ndarray, u: np.ndarray, factor: tuple[np.ndarray, bool] | None = None
+) -> tuple[np.ndarray, bool]:
     """``argmin_{v ≥ u} vᵀ g v`` for a PSD ``g`` (``[k, k]``, any scale), stages 1–3. ``factor``:
     :func:`_psd_factor` of the unit-norm ``g`` if already computed. Returns ``v`` and whether the
-    optimality conditions hold (stage 2 or 3)."""
+    optimality conditions hold (stage 2 or 3).
+
+    Stage 3 is skipped on a numerically singular Gram: its entries then carry rounding noise in
+    the dependent directions that an exact solve would follow (with coefficients ~1e8), while the
+    gradients themselves are dependent; stage 1's factor treats those directions as dependent.
+    """
     d = np.sqrt(np.clip(np.diagonal(g), 0.0, None))
     d = np.where(d > 0, d, 1.0)
-    r = _psd_factor(g / np.outer(d, d)) if factor is None else factor
+    r, singular = _psd_factor(g / np.outer(d, d)) if factor is None else factor
     ud = u * d
     x, ok = _nnls_factor(r, -(r @ ud))
     v0 = (ud + x) / d
-    v = _dual_cone_refine(g, u, v0)
-    if v is not None:
-        return v, True
+    if not singular:
+        v = _dual_cone_refine(g, u, v0)
+        if v is not None:
+            return v, True
     return v0, ok
 
 

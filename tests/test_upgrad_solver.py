@@ -220,7 +220,8 @@ def test_fallback_alone_solves_the_regression_case(monkeypatch):
 def test_lawson_hanson_does_not_cycle_on_the_regression_case():
     gram = np.array(GRAM_A)
     n = np.sqrt(np.diagonal(gram))
-    factor = methods._psd_factor(gram / np.outer(n, n))
+    factor, singular = methods._psd_factor(gram / np.outer(n, n))
+    assert not singular
     for i in range(len(gram)):
         u = np.zeros(len(gram))
         u[i] = n[i] / len(gram)
@@ -276,29 +277,28 @@ def test_projection_meets_optimality_conditions(v, row, weight):
 def test_update_does_not_depend_on_task_order(v, seed):
     gram = v @ v.T
     perm = np.random.default_rng(seed).permutation(len(v))
-    a = upgrad_weights(torch.from_numpy(gram)).numpy()
-    b = upgrad_weights(torch.from_numpy(gram[np.ix_(perm, perm)])).numpy()
-    back = np.empty(len(v))
-    back[perm] = b
-    assert update_distance(back, a, gram) <= 1e-7 * size_of(gram)
+    a = upgrad_weights(torch.from_numpy(gram)).numpy() @ v
+    b = upgrad_weights(torch.from_numpy(gram[np.ix_(perm, perm)])).numpy() @ v[perm]
+    norms = np.linalg.norm(v, axis=1)
+    assert np.linalg.norm(a - b) <= 1e-7 * (norms.sum() or 1.0)
 
 
 @PROPS
 @given(v=task_gradients())
 def test_update_matches_scipy_nnls_on_the_vectors(v):
     """Reference: each projection by scipy's NNLS on the explicit vectors (condition number the
-    square root of the Gram's), where the problem is well posed in float64: exactly dependent
-    rows, or independent ones with cond(unit Gram) < 1e10."""
+    square root of the Gram's), where the answer is determined in float64: at least as many
+    dimensions as tasks and unit rows with singular values > 1e-5 (unit-Gram eigenvalues > 1e-10).
+    With dependent rows the exact answer for the float64 vectors can hinge on their 1e-16-level
+    departures from dependence (three nearly collinear rows: two tiny angles whose ratio is
+    O(1)); those cases are covered by the optimality and task-order properties instead."""
     from scipy.optimize import nnls
 
     norms = np.linalg.norm(v, axis=1)
     keep = np.flatnonzero(norms > methods.ZERO_REL * norms.max()) if norms.max() > 0 else np.zeros(0, int)
-    assume(keep.size > 0)
-    w = v[keep] / norms[keep, None]
-    unit_gram = w @ w.T
-    eig = np.linalg.eigvalsh(unit_gram)
-    # well posed: every eigenvalue is either clearly zero (exact dependence) or clearly not
-    assume(((eig < 1e-13) | (eig > 1e-10)).all())
+    assume(keep.size > 0 and keep.size <= v.shape[1])
+    sv = np.linalg.svd(v[keep] / norms[keep, None], compute_uv=False)
+    assume((sv > 1e-5).all())
     ref = np.zeros(v.shape[1])
     for i in keep:
         y = v[i] / keep.size
