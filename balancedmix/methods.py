@@ -1027,7 +1027,7 @@ def _upgrad(gram: torch.Tensor, pref: torch.Tensor | Sequence[float] | None) -> 
     """:func:`upgrad_weights` and whether every projection met its optimality conditions."""
     g = _gram_array(gram, "upgrad")
     k_all = g.shape[0]
-    sub, idx = _restrict(g)
+    _, idx = _restrict(g)
     k = idx.size
     if k == 0:
         return torch.zeros(k_all, dtype=torch.float64), True

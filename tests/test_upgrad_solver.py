@@ -197,8 +197,10 @@ def test_non_convergence_warns_once_per_task_set_and_is_exposed(monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="balancedmix.methods"):
         method(gram, MethodContext(tasks=tuple("vwxyz"), step=4, generator=torch.Generator()))
         upgrad_weights(gram)  # the bare function: no names, says how many tasks
+        upgrad_weights(gram, tasks=list("pqrst"))
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(msgs) == 2 and "['v', 'w', 'x', 'y', 'z']" in msgs[0] and "5 tasks" in msgs[1]
+    assert len(msgs) == 3 and "['v', 'w', 'x', 'y', 'z']" in msgs[0] and "5 tasks" in msgs[1]
+    assert "['p', 'q', 'r', 's', 't']" in msgs[2]
 
 
 def test_converged_is_true_after_a_normal_step():
