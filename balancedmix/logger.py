@@ -48,7 +48,9 @@ class JSONLLogger:
 
     Args:
         path: the file to write (parent folders are created; an existing file is appended to
-            unless ``overwrite=True``).
+            unless ``overwrite=True``). Appending first sets a torn last line aside (into
+            ``<path>.torn``), and the first record refuses to start a second run in the file
+            (:class:`SplicedRunsError`); see the module docstring.
         main_process: only the main process writes (pass ``accelerator.is_main_process``).
     """
 
@@ -196,13 +198,20 @@ def scan_jsonl(path: str | os.PathLike[str]) -> JSONLScan:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
     scan = JSONLScan(path=path)
-    with open(path, encoding="utf-8", newline="") as fh:
-        lines = fh.read().split("\n")
-    # split() gives a final "" when the file ends with a newline; otherwise the last piece is
+    with open(path, "rb") as fh:
+        raw_lines = fh.read().split(b"\n")
+    # split() gives a final b"" when the file ends with a newline; otherwise the last piece is
     # a line without its newline
-    last_complete = len(lines) - 1
-    for index, line in enumerate(lines):
+    last_complete = len(raw_lines) - 1
+    for index, raw in enumerate(raw_lines):
         lineno = index + 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if index == last_complete:  # cut inside a multi-byte character
+                scan.torn.append(TornLine(lineno, raw.decode("utf-8", errors="replace"), "tail"))
+                continue
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text") from None
         if not line.strip():
             continue
         try:

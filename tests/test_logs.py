@@ -348,3 +348,15 @@ def test_real_quick_demo_leaves_no_marker_or_staging(tmp_path, capsys):
     t0 = time.perf_counter()
     assert demo(out, "--quick", "--methods", "sum", "--steps", "1") == 2
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_torn_line_cut_inside_a_multibyte_character(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes((json.dumps(record(0)) + "\n").encode() + '{"step": 1, "note": "é'.encode()[:-1])
+    scan = scan_jsonl(path)
+    assert [r["step"] for r in scan.records] == [0] and scan.torn[0].kind == "tail"
+    log_steps(path, range(1, 2))
+    assert [r["step"] for r in read_jsonl(path)] == [0, 1]
+    (tmp_path / "bad.jsonl").write_bytes(b'{"step": 0, "x": "\xff"}\n{"step": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: not UTF-8"):
+        read_jsonl(tmp_path / "bad.jsonl")
