@@ -226,7 +226,9 @@ def _load(path: str | os.PathLike[str], name: str | None, split_runs: bool) -> l
     if path.is_dir():
         folder, metrics = path, path / "metrics.jsonl"
         if not metrics.is_file():
-            raise FileNotFoundError(f"no metrics.jsonl in run folder {path}")
+            inside = sorted(p.name for p in path.iterdir() if (p / "metrics.jsonl").is_file())
+            hint = f"; it holds run folders ({', '.join(inside)}): pass those, e.g. {path / inside[0]}" if inside else ""
+            raise FileNotFoundError(f"no metrics.jsonl in run folder {path}{hint}")
     else:
         folder, metrics = path.parent, path
         if not metrics.is_file():

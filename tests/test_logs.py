@@ -360,3 +360,18 @@ def test_torn_line_cut_inside_a_multibyte_character(tmp_path):
     (tmp_path / "bad.jsonl").write_bytes(b'{"step": 0, "x": "\xff"}\n{"step": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: not UTF-8"):
         read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_demo_out_that_cannot_be_created_fails_before_work(tmp_path, no_training, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert demo(tmp_path / "afile" / "d") == 2
+    err = capsys.readouterr().err
+    assert "cannot create the output folder" in err and "choose a writable --out" in err
+    assert not no_training.calls
+
+
+def test_report_on_a_demo_folder_names_its_runs(tmp_path, no_training, capsys):
+    out = tmp_path / "d"
+    assert demo(out, "--methods", "sum,mgda") == 0
+    assert main(["report", str(out), "--out", str(tmp_path / "r")]) == 2
+    assert f"no metrics.jsonl in run folder {out}; it holds run folders (mgda, sum): pass those" in capsys.readouterr().err
