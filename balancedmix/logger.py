@@ -43,82 +43,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class JSONLLogger:
-    """Append one line per call: ``{"step": ..., "time": ..., **metrics}``.
-
-    Args:
-        path: the file to write (parent folders are created; an existing file is appended to
-            unless ``overwrite=True``). Appending first sets a torn last line aside (into
-            ``<path>.torn``), and the first record refuses to start a second run in the file
-            (:class:`SplicedRunsError`); see the module docstring.
-        main_process: only the main process writes (pass ``accelerator.is_main_process``).
-    """
-
-    def __init__(self, path: str | os.PathLike[str], overwrite: bool = False, main_process: bool = True) -> None:
-        self.path = Path(path)
-        self.main_process = main_process
-        self._fh: TextIO | None = None
-        self._count = 0
-        self._existing_steps: tuple[int, int] | None = None  # (first, last) step already in the file
-        if main_process:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not overwrite:
-                self._existing_steps = _prepare_append(self.path)
-            self._fh = open(self.path, "w" if overwrite else "a", encoding="utf-8")
-
-    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Write one record: ``step`` (argument, else ``metrics["step"]``, else a call counter),
-        ``time`` and the metrics (non-finite floats as ``null``, tensors as their value).
-
-        Raises :class:`SplicedRunsError` (nothing written) when this is the first record of a
-        logger appending to a file whose steps start at or after this step.
-        """
-        if self._fh is None:
-            return
-        record: dict[str, Any] = {}
-        if step is not None:
-            record["step"] = int(step)
-        elif "step" in metrics:
-            record["step"] = int(metrics["step"])
-        else:
-            record["step"] = self._count
-        if self._existing_steps is not None:
-            _check_continuation(self.path, self._existing_steps, record["step"])
-            self._existing_steps = None
-        record["time"] = time.time()
-        for key, value in metrics.items():
-            if key != "step":
-                record[str(key)] = _clean(value)
-        self._fh.write(json.dumps(record, sort_keys=False) + "\n")
-        self._fh.flush()
-        self._count += 1
-
-    __call__ = log
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def __enter__(self) -> JSONLLogger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSONL log: one dict per record, in file order.
-
-    A malformed line raises ``ValueError`` naming the file and line number, except a torn
-    line (see :func:`scan_jsonl`), which is left out with a warning.
-    """
-    scan = scan_jsonl(path)
-    for torn in scan.torn:
-        _log.warning("%s", torn.describe(scan.path))
-    return scan.records
-
-
 # ------------------------------------------------------------------------------- torn lines
 #: what :class:`JSONLLogger` writes first on every line; a record spliced onto a torn line
 #: is recognised by it
@@ -301,3 +225,80 @@ def _check_continuation(path: Path, existing: tuple[int, int], step: int) -> Non
             step,
             last,
         )
+
+
+class JSONLLogger:
+    """Append one line per call: ``{"step": ..., "time": ..., **metrics}``.
+
+    Args:
+        path: the file to write (parent folders are created; an existing file is appended to
+            unless ``overwrite=True``). Appending first sets a torn last line aside (into
+            ``<path>.torn``), and the first record refuses to start a second run in the file
+            (:class:`SplicedRunsError`); see the module docstring.
+        main_process: only the main process writes (pass ``accelerator.is_main_process``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], overwrite: bool = False, main_process: bool = True) -> None:
+        self.path = Path(path)
+        self.main_process = main_process
+        self._fh: TextIO | None = None
+        self._count = 0
+        self._existing_steps: tuple[int, int] | None = None  # (first, last) step already in the file
+        if main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not overwrite:
+                self._existing_steps = _prepare_append(self.path)
+            self._fh = open(self.path, "w" if overwrite else "a", encoding="utf-8")
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Write one record: ``step`` (argument, else ``metrics["step"]``, else a call counter),
+        ``time`` and the metrics (non-finite floats as ``null``, tensors as their value).
+
+        Raises :class:`SplicedRunsError` (nothing written) when this is the first record of a
+        logger appending to a file whose steps start at or after this step.
+        """
+        if self._fh is None:
+            return
+        record: dict[str, Any] = {}
+        if step is not None:
+            record["step"] = int(step)
+        elif "step" in metrics:
+            record["step"] = int(metrics["step"])
+        else:
+            record["step"] = self._count
+        if self._existing_steps is not None:
+            _check_continuation(self.path, self._existing_steps, record["step"])
+            self._existing_steps = None
+        record["time"] = time.time()
+        for key, value in metrics.items():
+            if key != "step":
+                record[str(key)] = _clean(value)
+        self._fh.write(json.dumps(record, sort_keys=False) + "\n")
+        self._fh.flush()
+        self._count += 1
+
+    __call__ = log
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> JSONLLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSONL log: one dict per record, in file order.
+
+    A malformed line raises ``ValueError`` naming the file and line number, except a torn
+    line (see :func:`scan_jsonl`), which is left out with a warning.
+    """
+    scan = scan_jsonl(path)
+    for torn in scan.torn:
+        _log.warning("%s", torn.describe(scan.path))
+    records = scan.records
+    return records
