@@ -41,11 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from .logger import read_jsonl
+from .logger import scan_jsonl
 from .significance import windowed_gain
 
 __all__ = [
     "Run",
+    "INCOMPLETE_MARKER",
     "load_run",
     "load_runs",
     "STATISTICS",
@@ -98,6 +99,10 @@ _NUMERIC_PREFIXES = (
 )
 _NOT_TASKS = {"total", "update", "untagged"}
 
+#: a file of this name in a run folder marks a run that has not finished (the demo writes it
+#: when a run starts and removes it when the run is complete); the report flags such runs
+INCOMPLETE_MARKER = "INCOMPLETE"
+
 
 # ---------------------------------------------------------------------------------------- loading
 @dataclass
@@ -112,6 +117,9 @@ class Run:
         evals: evaluation records in file order (first = before training, last = after).
         tasks: task names, in order of first appearance in ``grad_norm/<task>`` keys.
         meta: contents of ``run.json`` (empty when absent).
+        problems: what is wrong with the log but did not stop it from loading (a torn line
+            set aside, an unfinished run, a file split into several runs); each was logged as
+            a warning and the report lists them.
     """
 
     name: str
@@ -121,6 +129,7 @@ class Run:
     evals: list[dict[str, Any]]
     tasks: tuple[str, ...]
     meta: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
     def series(self, key: str) -> np.ndarray:
         """``float64 [S]``: the key's value at every step, NaN where missing or null."""
@@ -152,17 +161,17 @@ def _as_float(value: Any) -> float:
     return float(value)
 
 
-def _nonblank_line_numbers(path: Path) -> list[int]:
-    with open(path, encoding="utf-8") as fh:
-        return [i for i, line in enumerate(fh, start=1) if line.strip()]
+def _validated(path: Path, problems: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """Records with their line numbers; bad values raise ``ValueError`` naming file:line and key.
 
-
-def _validated(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Records with their line numbers; bad values raise ``ValueError`` naming file:line and key."""
-    records = read_jsonl(path)
-    lines = _nonblank_line_numbers(path)
+    Torn lines (:func:`balancedmix.logger.scan_jsonl`) are left out, described in ``problems``.
+    """
+    scan = scan_jsonl(path)
+    for torn in scan.torn:
+        if problems is not None:
+            problems.append(torn.describe(path))
     out = []
-    for lineno, rec in zip(lines, records):
+    for lineno, rec in zip(scan.line_numbers, scan.records):
         step = rec.get("step")
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step != int(step):
             raise ValueError(f"{path}:{lineno}: 'step' must be an integer, got {step!r}")
@@ -185,43 +194,58 @@ def _tasks_of(records: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
     return tuple(tasks)
 
 
-def load_run(path: str | os.PathLike[str], name: str | None = None) -> Run:
-    """Load a run folder (``metrics.jsonl`` [+ ``eval.jsonl``, ``run.json``]) or a JSONL file.
+def _segments(metrics: Path, rows: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Cut the file's records into runs: a training step at or before the first step of the
+    current run starts a new run; a step inside its range is a resume redoing it (the later
+    record is kept, a warning)."""
+    segments: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = None
+    pending_evals: list[dict[str, Any]] = []
+    for lineno, rec in rows:
+        if any(k.startswith("eval/") for k in rec):
+            (cur["evals"] if cur is not None else pending_evals).append(rec)
+            continue
+        step = int(rec["step"])
+        if cur is None or step <= cur["first"]:
+            cur = {"first": step, "last": step, "train": {}, "evals": [], "lines": [lineno, lineno]}
+            if not segments:
+                cur["evals"], pending_evals = pending_evals, []
+            segments.append(cur)
+        elif step <= cur["last"]:
+            logger.warning("%s:%d: step %d logged again; keeping the last record", metrics, lineno, step)
+        cur["train"][step] = rec
+        cur["last"] = max(cur["last"], step)
+        cur["lines"][1] = lineno
+    if not segments:
+        segments.append({"first": 0, "last": 0, "train": {}, "evals": pending_evals, "lines": [0, 0]})
+    return segments
 
-    Raises ``FileNotFoundError`` (no metrics file) or ``ValueError`` naming the file and line
-    (malformed JSON, non-numeric metric, missing/non-integer step) or naming the file (no
-    ``grad_norm/<task>`` key at all). A step logged twice keeps its last record (a warning).
-    """
+
+def _load(path: str | os.PathLike[str], name: str | None, split_runs: bool) -> list[Run]:
     path = Path(path)
     if path.is_dir():
         folder, metrics = path, path / "metrics.jsonl"
         if not metrics.is_file():
-            raise FileNotFoundError(f"no metrics.jsonl in run folder {path}")
+            inside = sorted(p.name for p in path.iterdir() if (p / "metrics.jsonl").is_file())
+            hint = f"; it holds run folders ({', '.join(inside)}): pass those, e.g. {path / inside[0]}" if inside else ""
+            raise FileNotFoundError(f"no metrics.jsonl in run folder {path}{hint}")
     else:
         folder, metrics = path.parent, path
         if not metrics.is_file():
             raise FileNotFoundError(f"no metrics file at {path}")
-    rows = _validated(metrics)
-    train: dict[int, dict[str, Any]] = {}
-    evals: list[dict[str, Any]] = []
-    for lineno, rec in rows:
-        if any(k.startswith("eval/") for k in rec):
-            evals.append(rec)
-            continue
-        step = int(rec["step"])
-        if step in train:
-            logger.warning("%s:%d: step %d logged again; keeping the last record", metrics, lineno, step)
-        train[step] = rec
+    problems: list[str] = []
+    rows = _validated(metrics, problems)
+    segments = _segments(metrics, rows)
+    if len(segments) > 1 and not split_runs:
+        desc = "; ".join(f"lines {g['lines'][0]}-{g['lines'][1]}: steps {g['first']}..{g['last']}" for g in segments)
+        raise ValueError(
+            f"{metrics}: holds {len(segments)} runs, not one (the step counter goes back to {segments[1]['first']} at line "
+            f"{segments[1]['lines'][0]}; {desc}), e.g. a script re-run appending to the same log. Report them as separate "
+            "runs with `balancedmix report --split-runs` (load_runs(..., split_runs=True)), or give each run its own file."
+        )
     eval_file = folder / "eval.jsonl"
     if path.is_dir() and eval_file.is_file():
-        evals.extend(rec for _, rec in _validated(eval_file))
-    steps = np.array(sorted(train), dtype=np.int64)
-    records = [train[int(s)] for s in steps]
-    tasks = _tasks_of(records)
-    if not tasks:
-        raise ValueError(
-            f"{metrics}: no per-task gradient norm ('grad_norm/<task>') in any record; is this a balancedmix metrics log?"
-        )
+        segments[-1]["evals"].extend(rec for _, rec in _validated(eval_file, problems))
     meta: dict[str, Any] = {}
     meta_file = folder / "run.json"
     if path.is_dir() and meta_file.is_file():
@@ -229,15 +253,76 @@ def load_run(path: str | os.PathLike[str], name: str | None = None) -> Run:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{meta_file}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if path.is_dir() and (folder / INCOMPLETE_MARKER).exists():
+        problems.append(
+            f"{folder}: the run did not finish (its {INCOMPLETE_MARKER} marker is still there: interrupted or crashed); "
+            "its figures cover only the steps it logged"
+        )
     label = name or str(meta.get("name") or (folder.name if path.is_dir() else path.stem))
-    return Run(name=label, path=metrics, steps=steps, records=records, evals=evals, tasks=tasks, meta=meta)
+    runs = []
+    for i, seg in enumerate(segments, start=1):
+        steps = np.array(sorted(seg["train"]), dtype=np.int64)
+        records = [seg["train"][int(s)] for s in steps]
+        tasks = _tasks_of(records)
+        if not tasks:
+            where = f" (lines {seg['lines'][0]}-{seg['lines'][1]})" if len(segments) > 1 else ""
+            raise ValueError(
+                f"{metrics}{where}: no per-task gradient norm ('grad_norm/<task>') in any record; is this a balancedmix metrics log?"
+            )
+        last = i == len(segments)
+        run_problems = list(problems) if last else []
+        if len(segments) > 1:
+            run_problems.append(
+                f"{metrics}: run {i} of {len(segments)} in this file (lines {seg['lines'][0]}-{seg['lines'][1]}, steps "
+                f"{seg['first']}..{seg['last']})" + ("; run.json and eval.jsonl are attached to the last run" if last else "")
+            )
+        seg_label = f"{label}[{i}]" if len(segments) > 1 else label
+        runs.append(
+            Run(
+                name=seg_label,
+                path=metrics,
+                steps=steps,
+                records=records,
+                evals=seg["evals"],
+                tasks=tasks,
+                meta=meta if last else {},
+                problems=run_problems,
+            )
+        )
+    for run in runs:
+        for problem in run.problems:
+            logger.warning("%s", problem)
+    return runs
 
 
-def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
-    """Load several runs; labels are made unique by appending ``#2``, ``#3``..."""
+def load_run(path: str | os.PathLike[str], name: str | None = None) -> Run:
+    """Load a run folder (``metrics.jsonl`` [+ ``eval.jsonl``, ``run.json``]) or a JSONL file.
+
+    Raises ``FileNotFoundError`` (no metrics file) or ``ValueError`` naming the file and line
+    (malformed JSON, non-numeric metric, missing/non-integer step) or naming the file (no
+    ``grad_norm/<task>`` key at all; several runs in one file).
+
+    Two runs in one file: a training step at or before the first step of the run so far (the
+    step counter going back to the start, e.g. a script re-run appending to its log) starts a
+    new run, and ``load_run`` raises; :func:`load_runs` with ``split_runs=True`` loads each.
+    A step inside the range already logged (a resume that redid steps) keeps its last
+    record (a warning). Recoverable problems do not raise; they are logged as warnings and kept
+    in :attr:`Run.problems`: a torn line (a writer killed mid-line; see
+    :func:`balancedmix.logger.scan_jsonl`), or an :data:`INCOMPLETE_MARKER` file in the folder.
+    """
+    return _load(path, name, split_runs=False)[0]
+
+
+def load_runs(paths: Sequence[str | os.PathLike[str]], split_runs: bool = False) -> list[Run]:
+    """Load several runs; labels are made unique by appending ``#2``, ``#3``...
+
+    ``split_runs=True``: a file holding several runs (see :func:`load_run`) gives one
+    :class:`Run` per run, labelled ``<name>[1]``, ``<name>[2]``...; the folder's ``run.json``
+    and ``eval.jsonl`` go to the last one (they were written last).
+    """
     if not paths:
         raise ValueError("no run given")
-    runs = [load_run(p) for p in paths]
+    runs = [run for p in paths for run in _load(p, None, split_runs)]
     seen: dict[str, int] = {}
     for run in runs:
         if run.name in seen:
@@ -974,7 +1059,8 @@ def write_report(
     share, Task-gradient cosines, Learning gain vs gradient norm, Correlation with training
     statistics. ``strong`` is the |Spearman| above which a statistic counts as explaining the
     gradient norm. ``gain_window``: the window ``s`` (steps) of the paper's ``Gain(t)`` (default
-    :func:`default_gain_window`).
+    :func:`default_gain_window`). Each run's :attr:`Run.problems` (torn lines, unfinished run...) are listed
+    under "Log problems" at the top.
     """
     if not runs:
         raise ValueError("write_report needs at least one run")
@@ -986,6 +1072,10 @@ def write_report(
 
     parts = [f"# {title}\n\n"]
     parts.append("Runs: " + ", ".join(f"`{r.name}` ({r.method}, {len(r.steps)} steps, `{r.path}`)" for r in runs) + "\n")
+    flagged = [(r, p) for r in runs for p in r.problems]
+    if flagged:
+        parts.append("\n**Log problems** (the figures below use what could be read):\n\n")
+        parts.extend(f"- `{r.name}`: {p}\n" for r, p in flagged)
     parts.append("\n## Findings\n\n")
     parts.extend(f"- {line}\n" for line in _findings(runs, strong))
     parts.append("\n## Runs compared\n\n")
