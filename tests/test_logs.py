@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -300,16 +299,11 @@ def test_an_empty_existing_out_is_fine(tmp_path, no_training):
 def test_bad_demo_flags_fail_before_any_work(tmp_path, no_training, capsys, flags, message):
     import re
 
-    demo(tmp_path / "warm", "--methods", "bogus")  # imports warmed up: time only the checks
-    capsys.readouterr()
-    t0 = time.perf_counter()
     assert demo(tmp_path / "d", *flags) == 2
-    elapsed = time.perf_counter() - t0
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert "Traceback" not in err
-    assert not no_training.calls and not list(tmp_path.iterdir())
-    assert elapsed < 1.0, elapsed
+    assert not no_training.calls and not list(tmp_path.iterdir())  # refused before any work
 
 
 def test_weights_message_names_usable_methods(tmp_path, no_training, capsys):
@@ -345,9 +339,9 @@ def test_real_quick_demo_leaves_no_marker_or_staging(tmp_path, capsys):
     assert (out / "sum" / "run.json").is_file() and (out / "report.md").is_file()
     run = A.load_run(out / "sum")
     assert run.steps.tolist() == [1] and not run.problems
-    t0 = time.perf_counter()
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
     assert demo(out, "--quick", "--methods", "sum", "--steps", "1") == 2
-    assert time.perf_counter() - t0 < 1.0
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and not (tmp_path / "d.partial").exists()
 
 
 def test_torn_line_cut_inside_a_multibyte_character(tmp_path):
