@@ -7,6 +7,9 @@ so the sampler can replace ``GRPOTrainer._get_train_sampler`` with nothing else 
         [i1]*G + [i2]*G + ... + [iB]*G          one block of B*G indices, a GRPO group never split
         ... the block repeated R times in a row  (TRL: num_iterations * steps_per_generation)
 
+The indices are generated one at a time, as ``RepeatSampler`` does: memory is ``O(B)`` per batch
+whatever ``R`` is (``repeat_count=10**6`` does not build a ``B*G*R`` list).
+
 What differs from ``RepeatSampler`` is *which* B prompts form a batch:
 
 * the task composition of batch b follows the weights of a mixture schedule
@@ -543,13 +546,19 @@ class MixtureSampler(Sampler[int]):
                 continue
             prompts = self._draw(b, state)
             self._last = (b + 1, state.copy())
-            block = [i for i in prompts for _ in range(g)]  # type: ignore[union-attr]
-            stream = block * r
             start = skip if j == skip_batches else 0
             self._offset = j * per_batch + start
-            for index in stream[start:]:
-                self._offset += 1
-                yield index
+            # lazily: B prompts, each G times, the block R times (never the B*G*R list)
+            rep, rest = divmod(start, len(prompts) * g)  # type: ignore[arg-type]
+            first_prompt, first_copy = divmod(rest, g)
+            for _ in range(rep, r):
+                for p in range(first_prompt, len(prompts)):  # type: ignore[arg-type]
+                    index = prompts[p]  # type: ignore[index]
+                    for _ in range(first_copy, g):
+                        self._offset += 1
+                        yield index
+                    first_copy = 0
+                first_prompt = 0
         self._epoch = epoch + 1
         self._offset = 0
 
