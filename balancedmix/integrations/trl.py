@@ -57,6 +57,7 @@ from trl import GRPOTrainer
 
 from ..logger import JSONLLogger
 from ..optimizer import BalancedOptimizer
+from ..sampler import class_label_names
 from ..tasks import MissingTaskLabelError, TaskError, TaskKey, TaskRegistry, UnknownTaskError, task_labels
 
 __all__ = [
@@ -107,17 +108,22 @@ class BalancedConfig:
     """Configuration of the balancedmix part of a :class:`BalancedGRPOTrainer`.
 
     Attributes:
-        task_key: dataset column naming each row's task (default ``"task"``), or a callable
-            ``rows -> labels`` receiving TRL's list of row dicts.
+        task_key: dataset column naming each row's task (default ``"task"``; ``str`` names or an
+            HF ``ClassLabel`` column, decoded with its own ``names``), or a callable
+            ``rows -> labels`` receiving a list of row dicts (TRL's batch; with ``schedule`` the
+            sampler calls it with a list of one row).
         tasks: the task names, in the order used for indices and logs. ``None``: the sorted
-            distinct values of the ``task_key`` column of ``train_dataset`` (required for an
-            ``IterableDataset`` or a callable ``task_key``).
+            distinct values of the ``task_key`` column of ``train_dataset`` (a ``ClassLabel``
+            column: its classes present, in its order). Required for a streaming
+            (``IterableDataset``) train dataset, which is never read to find tasks, and for a
+            callable ``task_key``.
         method: a registered balancedmix method (``"sum"``, ``"mean"``, ``"normalize"``,
             ``"pcgrad"``...) or a callable method; ``"sum"`` leaves the update untouched.
         method_options: keyword options of the method's factory.
         estimator: ``"raw"`` or ``"split"`` (split-half unbiased norms and noise scales; 2x buffers).
         schedule: a mixture schedule (``weights(step)`` / ``update(metrics)``) or a
             ``{task: weight}`` dict; ``None`` keeps TRL's ``RepeatSampler`` (dataset proportions).
+            Needs a map-style train dataset (a streaming one raises ``ValueError``).
         log_dir: folder of the per-run ``metrics.jsonl``; ``None`` uses ``args.output_dir``.
         write_jsonl: write the JSONL file (main process only).
         order_by_task: ``"auto"`` re-orders each optimizer step's rows by task when that leaves
@@ -155,6 +161,32 @@ class BalancedConfig:
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(BalancedConfig))
+
+
+def _is_streaming(dataset: Any) -> bool:
+    """An iterable (streaming) dataset: torch ``IterableDataset`` or HF ``datasets.IterableDataset``."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return True
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets comes with trl
+        return False
+    return isinstance(dataset, (datasets.IterableDataset, datasets.IterableDatasetDict))
+
+
+class _RowKey:
+    """Adapts a ``rows -> labels`` task key (``BalancedConfig.task_key``) to the sampler's ``row -> label``."""
+
+    def __init__(self, key: Callable[[Any], Any]) -> None:
+        self.key = key
+
+    def __call__(self, row: Any) -> Any:
+        labels = self.key([row])
+        if isinstance(labels, (str, int)) or not isinstance(labels, (Sequence, torch.Tensor)):
+            return labels
+        if len(labels) != 1:
+            raise TaskError(f"task_key returned {len(labels)} labels for a list of one row; it must return one label per row")
+        return labels[0]
 
 
 def _is_row_tensor(value: Any) -> bool:
@@ -257,6 +289,8 @@ class BalancedGRPOMixin:
         self._bm_segment_outputs: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         self._bm_rewards_per_func: torch.Tensor | None = None
         self._bm_jsonl: JSONLLogger | None = None
+        self._bm_class_names: list[str] | None = None
+        self._bm_label_registry: TaskRegistry | None = None
         self._bm_reset_step()
         super().__init__(*args, **kwargs)
         if optimizer_cls_and_kwargs is not None:
@@ -279,10 +313,34 @@ class BalancedGRPOMixin:
 
     # ------------------------------------------------------------------ set-up
     def _bm_discover_tasks(self) -> list[str]:
+        """The task names, in index order; sets ``_bm_label_registry`` (how integer labels decode).
+
+        A streaming (iterable) ``train_dataset`` is never read here: its tasks must be declared.
+        A map-style dataset's task column is read once (one column read) to check the labels.
+        An HF ``ClassLabel`` column is decoded with the feature's own names.
+        """
         cfg = self.balanced
         dataset = getattr(self, "train_dataset", None)
-        columns = getattr(dataset, "column_names", None)
         key = cfg.task_key
+        class_names = class_label_names(dataset, key) if isinstance(key, str) else None
+        streaming = _is_streaming(dataset)
+        if streaming and cfg.schedule is not None:
+            raise ValueError(
+                "BalancedConfig(schedule=...) needs a map-style train_dataset: the MixtureSampler picks each "
+                "generation batch's prompts by index, and TRL reads a streaming (IterableDataset) train_dataset "
+                "in stream order without a sampler, so the schedule would be ignored. Load the dataset map-style "
+                "(datasets.load_dataset(..., streaming=False), or Dataset.from_generator), or interleave per-task "
+                "streams yourself (datasets.interleave_datasets(probabilities=...)) and drop schedule="
+            )
+        if streaming:
+            if cfg.tasks is None:
+                raise TaskError(
+                    "the train_dataset is a streaming (iterable) dataset, which is not read to find its tasks (it may "
+                    "be large or endless); declare them with BalancedConfig(tasks=[...])"
+                )
+            self._bm_set_label_registry(class_names, cfg.tasks)
+            return list(cfg.tasks)
+        columns = getattr(dataset, "column_names", None)
         if isinstance(key, str) and isinstance(columns, (list, tuple)) and key not in columns:
             raise MissingTaskLabelError(
                 f"train_dataset has no task column {key!r} (its columns are {list(columns)}); add a column naming "
@@ -290,11 +348,21 @@ class BalancedGRPOMixin:
             )
         seen: list[str] | None = None
         if isinstance(key, str) and isinstance(columns, (list, tuple)):
-            values = dataset[key]
-            bad = [v for v in set(values) if not isinstance(v, str)]
-            if bad:
-                raise TaskError(f"task column {key!r} holds non-string labels {sorted(map(repr, bad))[:5]}; tasks are named by strings")
-            seen = sorted(set(values))
+            values = list(dataset[key])
+            if class_names is not None:
+                bad_ids = sorted({v for v in values if not isinstance(v, int) or not 0 <= v < len(class_names)}, key=repr)
+                if bad_ids:
+                    raise TaskError(f"ClassLabel task column {key!r} holds {bad_ids[:5]}, not class indices of {class_names}")
+                present = set(values)
+                seen = [name for i, name in enumerate(class_names) if i in present]  # the ClassLabel's order
+            else:
+                bad = [v for v in set(values) if not isinstance(v, str)]
+                if bad:
+                    raise TaskError(
+                        f"task column {key!r} holds non-string labels {sorted(map(repr, bad))[:5]}; tasks are named by "
+                        "strings (or use a datasets.ClassLabel column)"
+                    )
+                seen = sorted(set(values))
         if cfg.tasks is not None:
             declared = list(cfg.tasks)
             if seen is not None:
@@ -303,15 +371,31 @@ class BalancedGRPOMixin:
                     raise UnknownTaskError(
                         f"train_dataset holds task(s) {unknown} that are not declared in BalancedConfig.tasks={declared}"
                     )
+            self._bm_set_label_registry(class_names, declared)
             return declared
         if seen is None:
             raise TaskError(
-                "cannot list the tasks of this train_dataset (iterable dataset or callable task_key); "
+                "cannot list the tasks of this train_dataset (callable task_key, or a dataset without column_names); "
                 "declare them with BalancedConfig(tasks=[...])"
             )
         if not seen:
             raise TaskError("train_dataset is empty: no task to train")
+        self._bm_set_label_registry(class_names, seen)
         return seen
+
+    def _bm_set_label_registry(self, class_names: list[str] | None, tasks: Sequence[str]) -> None:
+        """Integer labels of a ``ClassLabel`` column are class indices, not task indices."""
+        self._bm_class_names = class_names
+        self._bm_label_registry = TaskRegistry(class_names) if class_names is not None else None
+        if class_names is not None:
+            missing = [t for t in tasks if t not in class_names]
+            if missing:
+                raise UnknownTaskError(f"declared task(s) {missing} are not classes of the ClassLabel task column {class_names}")
+
+    def _bm_row_labels(self, rows: Any) -> list[str]:
+        """One task name per row of TRL's list of row dicts."""
+        registry = self._bm_label_registry if self._bm_label_registry is not None else self.task_registry
+        return task_labels(rows, self.balanced.task_key, registry)
 
     def _bm_check_reorder(self) -> str | None:
         """Why re-ordering rows by task inside an optimizer step would change the gradient (None: it would not)."""
@@ -369,9 +453,13 @@ class BalancedGRPOMixin:
 
         if dataset is None:
             dataset = self.train_dataset
+        key = self.balanced.task_key
+        if callable(key):
+            # BalancedConfig.task_key receives a list of rows (TRL's batch); the sampler reads one row at a time
+            key = _RowKey(key)
         self.mixture_sampler = MixtureSampler(
             dataset,
-            task_key=self.balanced.task_key,
+            task_key=key,
             weights=schedule,
             prompts_per_batch=self.args.generation_batch_size // self.num_generations,
             num_generations=self.num_generations,
@@ -388,7 +476,7 @@ class BalancedGRPOMixin:
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        names = task_labels(inputs, self.balanced.task_key, self.task_registry)
+        names = self._bm_row_labels(inputs)
         ids = [self.task_registry.index(n) for n in names]
         self._bm_rewards_per_func = None
         out = super()._generate_and_score_completions(inputs)
