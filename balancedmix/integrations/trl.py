@@ -38,12 +38,17 @@ What the integration does (see ``docs/trl.md`` for the details and the exactness
 * **Mixture** — with ``BalancedConfig.schedule`` the training sampler is a
   :class:`~balancedmix.sampler.MixtureSampler` (same index structure as TRL's ``RepeatSampler``)
   and :class:`ScheduleCallback` feeds the schedule the step's metrics.
+* **Checkpoints** — each Trainer checkpoint also holds :data:`BALANCED_STATE_NAME` (the
+  sampler's and schedule's state); ``train(resume_from_checkpoint=...)`` restores it and continues
+  ``metrics.jsonl`` after the checkpoint's step (lines past it are dropped and redone), so a
+  resumed run replays an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -55,7 +60,7 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from ..logger import JSONLLogger
+from ..logger import JSONLLogger, truncate_after_step
 from ..optimizer import BalancedOptimizer
 from ..sampler import class_label_names
 from ..tasks import MissingTaskLabelError, TaskError, TaskKey, TaskRegistry, UnknownTaskError, task_labels
@@ -70,6 +75,7 @@ __all__ = [
     "TASK_REWARDS_KEY",
     "REORDER_SAFE_LOSS_TYPES",
     "METRICS_FILENAME",
+    "BALANCED_STATE_NAME",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +87,10 @@ GROUP_IDS_KEY = "group_ids"
 """Per-row long tensor: the row's GRPO group (its prompt's position in the global generation batch)."""
 """Key of the per-row weighted reward tensor (float ``[rows]``, NaN = unscorable)."""
 METRICS_FILENAME = "metrics.jsonl"
+BALANCED_STATE_NAME = "balancedmix_state.json"
+"""File of each Trainer checkpoint holding the ``MixtureSampler`` state (read position, weight
+history and the schedule's state), so that ``train(resume_from_checkpoint=...)`` replays the mixture."""
+_BALANCED_STATE_VERSION = 1
 
 REORDER_SAFE_LOSS_TYPES = frozenset({"grpo", "sapo", "luspo", "dr_grpo", "dapo", "cispo", "vespo"})
 """Loss types whose gradient does not depend on how an optimizer step's rows are grouped into
@@ -161,6 +171,24 @@ class BalancedConfig:
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(BalancedConfig))
+
+
+def _tail_records(path: str) -> list[dict[str, Any]]:
+    """The last record of a JSONL file (empty list for a missing or empty file)."""
+    if not os.path.isfile(path):
+        return []
+    last = None
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                last = line
+    if last is None:
+        return []
+    try:
+        record = json.loads(last)
+    except json.JSONDecodeError:
+        return []
+    return [record] if isinstance(record, dict) else []
 
 
 def _is_streaming(dataset: Any) -> bool:
@@ -289,6 +317,7 @@ class BalancedGRPOMixin:
         self._bm_segment_outputs: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         self._bm_rewards_per_func: torch.Tensor | None = None
         self._bm_jsonl: JSONLLogger | None = None
+        self._bm_resume_step: int | None = None
         self._bm_class_names: list[str] | None = None
         self._bm_label_registry: TaskRegistry | None = None
         self._bm_reset_step()
@@ -468,6 +497,72 @@ class BalancedGRPOMixin:
             tasks=list(self.task_registry.names),
         )
         return self.mixture_sampler
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # before the Trainer's files: trainer_state.json, written last, marks a complete checkpoint
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            self._bm_save_state(folder)
+        super()._save_checkpoint(model, trial)
+
+    def _bm_state(self) -> dict[str, Any]:
+        sampler = self.mixture_sampler
+        return {
+            "version": _BALANCED_STATE_VERSION,
+            "global_step": int(self.state.global_step),
+            "tasks": list(self.task_registry.names),
+            "sampler": sampler.state_dict() if sampler is not None else None,
+        }
+
+    def _bm_save_state(self, folder: str) -> None:
+        """Write :data:`BALANCED_STATE_NAME` into a checkpoint folder (atomically)."""
+        path = os.path.join(folder, BALANCED_STATE_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self._bm_state(), fh)
+        os.replace(tmp, path)
+
+    def _bm_load_state(self, checkpoint: str) -> None:
+        """Restore the mixture sampler (and its schedule) saved in ``checkpoint``."""
+        path = os.path.join(checkpoint, BALANCED_STATE_NAME)
+        sampler = self.mixture_sampler
+        if not os.path.isfile(path):
+            if sampler is not None:
+                logger.warning(
+                    "resuming from %s, which has no %s (saved by another trainer or an older balancedmix): the task "
+                    "mixture restarts from the schedule's current state instead of replaying the interrupted run",
+                    checkpoint, BALANCED_STATE_NAME,
+                )
+            return
+        with open(path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        if state.get("version") != _BALANCED_STATE_VERSION:
+            raise TaskError(f"{path}: unknown balancedmix state version {state.get('version')!r}")
+        if list(state["tasks"]) != list(self.task_registry.names):
+            raise TaskError(
+                f"{path} was saved with tasks {state['tasks']}, this trainer's tasks are {list(self.task_registry.names)}"
+            )
+        if sampler is None:
+            if state.get("sampler") is not None:
+                logger.warning("%s holds a mixture sampler state, but this run has no schedule: ignored", path)
+            return
+        if state.get("sampler") is None:
+            logger.warning("%s holds no mixture sampler state (saved without a schedule): the mixture starts afresh", path)
+            return
+        # the Trainer then calls set_epoch(epoch) and re-reads the epoch up to the checkpoint: the
+        # batches drawn before the save keep their recorded weights (see MixtureSampler.load_state_dict)
+        sampler.load_state_dict(state["sampler"])
+
+    def _prepare_for_training(self, max_steps: Any, train_dataloader: Any, resume_from_checkpoint: Any) -> Any:
+        out = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        self._bm_close_log()
+        self._bm_resume_step = None
+        if resume_from_checkpoint is not None:
+            self._bm_load_state(resume_from_checkpoint)
+            self._bm_resume_step = int(self.state.global_step)  # TrainerState of the checkpoint, loaded by now
+        return out
 
     # ------------------------------------------------------------------ labels and rewards
     def _calculate_rewards(self, inputs: Any, prompts: Any, completions: Any, completion_ids_list: Any) -> torch.Tensor:
@@ -772,10 +867,21 @@ class BalancedGRPOMixin:
 
     def _bm_log(self, record: Mapping[str, float], step: int) -> None:
         if self._bm_jsonl is None:
-            log_dir = self.balanced.log_dir or self.args.output_dir
-            self._bm_jsonl = JSONLLogger(
-                os.path.join(log_dir, METRICS_FILENAME), overwrite=True, main_process=self.accelerator.is_main_process
-            )
+            path = self.metrics_path
+            main = self.accelerator.is_main_process
+            resume = self._bm_resume_step
+            if resume is not None and main:
+                # a resumed run: keep the steps up to the checkpoint, drop those it redoes, append
+                dropped = truncate_after_step(path, resume)
+                if dropped:
+                    logger.info("resuming at step %d: dropped %d line(s) past it from %s", resume, dropped, path)
+                kept = [r.get("step") for r in _tail_records(path)]
+                if not kept or kept[-1] != resume:
+                    logger.warning(
+                        "resuming at step %d, but %s ends at step %s: the steps in between are missing from the log",
+                        resume, path, kept[-1] if kept else None,
+                    )
+            self._bm_jsonl = JSONLLogger(path, overwrite=resume is None, main_process=main)
         self._bm_jsonl.log(record, step=step)
 
     @property
