@@ -93,6 +93,31 @@ def test_resume_appends_to_the_log_and_replays_the_mixture_exactly(tok, tmp_path
 
 
 @pytest.mark.slow
+def test_resume_without_schedule_continues_the_log(tok, tmp_path):
+    """TRL's own RepeatSampler (no schedule): the log is continued, the replay still exact."""
+
+    def plain(resume=None):
+        trainer = make_trainer(
+            Recording, tok, tmp_path, max_steps=5, save_strategy="steps", save_steps=2, optim="adamw_torch",
+            balanced=BalancedConfig(method="pcgrad"),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = plain()
+    log = tmp_path / "out" / "metrics.jsonl"
+    reference = read_jsonl(log)
+    saved = json.loads((tmp_path / "out" / "checkpoint-2" / BALANCED_STATE_NAME).read_text())
+    assert saved["sampler"] is None and saved["global_step"] == 2
+    resumed = plain(resume=str(tmp_path / "out" / "checkpoint-4"))
+    records = read_jsonl(log)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    for got, want in zip(records, reference):
+        assert_records_equal(got, want)
+    assert resumed.prompts_by_step[5] == full.prompts_by_step[5]
+
+
+@pytest.mark.slow
 def test_resume_without_balanced_state_warns(tok, tmp_path, caplog):
     full, _ = run(tok, tmp_path)
     ckpt = tmp_path / "out" / "checkpoint-6"
