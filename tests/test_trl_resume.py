@@ -156,3 +156,35 @@ def test_truncate_after_step_refuses_a_corrupt_middle_line(tmp_path):
     with pytest.raises(ValueError, match=r"m\.jsonl:2"):
         truncate_after_step(path, 5)
     assert path.read_text() == text  # nothing lost
+
+
+class OpaqueState:
+    """A user schedule (duck-typed) whose state is not JSON."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def weights(self, step):
+        return {"add": 1.0, "copy": 1.0, "rev": 1.0}
+
+    def update(self, metrics):
+        self.calls += 1
+
+    def state_dict(self):
+        return {"calls": self.calls, "blob": object()}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_unserialisable_schedule_state_does_not_stop_training(tok, tmp_path, caplog):
+    trainer = make_trainer(
+        BalancedGRPOTrainer, tok, tmp_path, max_steps=2, save_strategy="steps", save_steps=1,
+        balanced=BalancedConfig(schedule=OpaqueState()),
+    )
+    with caplog.at_level("ERROR", logger="balancedmix.integrations.trl"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    saved = json.loads((tmp_path / "out" / "checkpoint-2" / BALANCED_STATE_NAME).read_text())
+    assert saved["sampler"] is None and "not JSON serialisable" in saved["sampler_error"]
+    assert any("cannot save the mixture state" in r.getMessage() for r in caplog.records)

@@ -173,6 +173,14 @@ class BalancedConfig:
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(BalancedConfig))
 
 
+def _json_default(value: Any) -> Any:
+    """numpy / torch values in a schedule's state become plain Python values."""
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def _tail_records(path: str) -> list[dict[str, Any]]:
     """The last record of a JSONL file (empty list for a missing or empty file)."""
     if not os.path.isfile(path):
@@ -519,9 +527,20 @@ class BalancedGRPOMixin:
     def _bm_save_state(self, folder: str) -> None:
         """Write :data:`BALANCED_STATE_NAME` into a checkpoint folder (atomically)."""
         path = os.path.join(folder, BALANCED_STATE_NAME)
+        state = self._bm_state()
+        try:
+            text = json.dumps(state, default=_json_default)
+        except (TypeError, ValueError) as err:
+            # a user schedule whose state_dict() is not JSON: keep training, say what the resume will lack
+            logger.error(
+                "cannot save the mixture state into %s (%s): a resume from this checkpoint will restart the mixture; "
+                "make the schedule's state_dict() return plain Python values",
+                path, err,
+            )
+            text = json.dumps(dict(state, sampler=None, sampler_error=str(err)))
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self._bm_state(), fh)
+            fh.write(text)
         os.replace(tmp, path)
 
     def _bm_load_state(self, checkpoint: str) -> None:
@@ -549,7 +568,8 @@ class BalancedGRPOMixin:
                 logger.warning("%s holds a mixture sampler state, but this run has no schedule: ignored", path)
             return
         if state.get("sampler") is None:
-            logger.warning("%s holds no mixture sampler state (saved without a schedule): the mixture starts afresh", path)
+            reason = state.get("sampler_error") or "saved without a schedule"
+            logger.warning("%s holds no mixture sampler state (%s): the mixture starts afresh", path, reason)
             return
         # the Trainer then calls set_epoch(epoch) and re-reads the epoch up to the checkpoint: the
         # batches drawn before the save keep their recorded weights (see MixtureSampler.load_state_dict)
