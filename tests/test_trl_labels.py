@@ -149,3 +149,23 @@ def test_callable_task_key_with_schedule(tok, tmp_path):
         assert {PROMPT_TASK[p] for p in prompts} == {"add"}
         assert set(names) == {"add"}
     torch.testing.assert_close(trainer.last_balanced_metrics["num_samples/add"], 16.0)
+
+
+def test_class_label_column_of_a_stream_is_decoded_without_reading_it(tok, tmp_path):
+    counter = Counter()
+    base = class_label_dataset()
+
+    def gen():
+        for row in base.to_list():
+            counter.reads += 1
+            yield row
+
+    stream = IterableDataset.from_generator(gen, features=base.features)
+    trainer = make_trainer(
+        Recording, tok, tmp_path, dataset=stream, reward=length_reward, max_steps=2, balanced=BalancedConfig(tasks=TASKS)
+    )
+    assert counter.reads == 0
+    trainer.train()
+    assert trainer.seen
+    for prompts, names in trainer.seen:
+        assert names == [PROMPT_TASK[p] for p in prompts]
