@@ -87,7 +87,7 @@ def test_resume_appends_to_the_log_and_replays_the_mixture_exactly(tok, tmp_path
     # the sampler continued the same stream with the same weights, the schedule the same state
     assert resumed.mixture_sampler.weights_history == full.mixture_sampler.weights_history
     assert resumed.mixture_sampler.state_dict() == full.mixture_sampler.state_dict()
-    assert json.dumps(resumed.schedule.state_dict()) == json.dumps(full.schedule.state_dict())
+    assert json.dumps(resumed_schedule.state_dict()) == json.dumps(full_schedule.state_dict())
     for step in range(4, 9):
         assert resumed.prompts_by_step[step] == full.prompts_by_step[step], f"step {step}"
 
