@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-__all__ = ["JSONLLogger", "read_jsonl", "scan_jsonl", "JSONLScan", "TornLine", "SplicedRunsError"]
+__all__ = ["JSONLLogger", "read_jsonl", "scan_jsonl", "JSONLScan", "TornLine", "SplicedRunsError", "truncate_after_step"]
 
 _log = logging.getLogger(__name__)
 
@@ -302,3 +302,46 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         _log.warning("%s", torn.describe(scan.path))
     records = scan.records
     return records
+
+
+def truncate_after_step(path: str | os.PathLike[str], step: int) -> int:
+    """Cut a JSONL log back to a checkpoint: keep the lines before the first one whose ``step``
+    exceeds ``step``, drop that line and everything after it. Returns the number of lines dropped.
+
+    This is what resuming a run from the checkpoint of ``step`` needs before appending: the steps
+    up to the checkpoint are kept as written, and the lines past it (which the resumed run
+    redoes) go. A torn last line (the process was killed while writing it) is dropped too. A
+    missing file is fine (0). The file is replaced atomically (written aside, then renamed), so
+    an interruption leaves either the old or the new file.
+
+    Raises:
+        ValueError: a malformed line that is not the last one (naming the file and line); the
+            file is left unchanged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    keep: list[str] = []
+    dropped = 0
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if lineno == len(lines) and not line.endswith("\n"):
+                dropped += 1  # torn by a kill
+                break
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg}); not truncating") from None
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] > step:
+            dropped += sum(1 for rest in lines[lineno - 1 :] if rest.strip())
+            break
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(keep)
+        os.replace(tmp, path)
+    return dropped
