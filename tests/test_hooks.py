@@ -1,0 +1,287 @@
+"""Gradient capture edge cases (issue 14, items 5, 6, 7, 13): what the hooks capture and what not.
+
+Only gradients that ``backward()`` accumulates into ``p.grad`` are task gradients: ``autograd.grad``
+is not captured; ``create_graph=True`` and double backward work; a ``torch.amp.GradScaler`` loop
+gives diagnostics in unscaled units and leaves no stale buffers after an overflow-skipped step;
+non-leaf parameters (``differentiable=True`` optimizers) are refused at construction.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from balancedmix import BalancedOptimizer
+
+TASKS = ["a", "b", "c"]
+
+
+class Net(torch.nn.Module):
+    """Shared trunk, one head per task."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(8, 1) for t in TASKS})
+
+    def loss(self, task: str, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return (self.heads[task](self.trunk(x)).pow(2).mean() + 0.1 * self.trunk(x).sum()) * scale
+
+
+def flat_grads(model):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()])
+
+
+def params_of(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def data(seed: int, n: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return [(TASKS[i % 2], torch.randn(4, 5, generator=g)) for i in range(n)]
+
+
+# ---------------------------------------------------------------- item 5: autograd.grad is not a task gradient
+def test_autograd_grad_inside_a_task_block_is_not_captured():
+    model = Net()
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="mean")
+    x = torch.randn(4, 5)
+    with opt.task("a"):
+        loss = model.loss("a", x)
+        logged = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True)
+        loss.backward()
+    cap = opt.captured_gradients()
+    assert set(cap) == {"a"}
+    torch.testing.assert_close(cap["a"], flat_grads(model), rtol=0, atol=0)
+    flat_logged = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(logged, model.parameters())])
+    torch.testing.assert_close(cap["a"], flat_logged)
+
+
+def test_autograd_grad_outside_task_blocks_is_not_untagged():
+    model, ref = Net(), Net()
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="mean")
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for task, x in data(0):
+        with opt.task(task):
+            model.loss(task, x).backward()
+        # logging a gradient norm outside the task block, as a user would
+        torch.autograd.grad(model.loss(task, x), list(model.trunk.parameters()))
+        ref.loss(task, x).backward()
+    assert "untagged" not in opt.captured_gradients()
+    opt.step()
+    d = opt.diagnostics()
+    assert "grad_norm/untagged" not in d
+    assert d["grad_scale"] == pytest.approx(1.0)
+    # mean over two tasks = half the plain sum, per task gradient
+    cap_a = d["grad_norm/a"]
+    assert cap_a > 0
+
+
+def test_backward_with_inputs_is_still_captured():
+    model = Net()
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with opt.task("a"):
+        model.loss("a", torch.randn(4, 5)).backward(inputs=list(model.trunk.parameters()))
+    torch.testing.assert_close(opt.captured_gradients()["a"], flat_grads(model), rtol=0, atol=0)
+
+
+def test_sum_stays_bit_identical_with_autograd_grad_in_the_loop():
+    model, ref = Net(), Net()
+    opt = BalancedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for step in range(3):
+        for task, x in data(step):
+            with opt.task(task):
+                loss = model.loss(task, x)
+                torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True)
+                loss.backward()
+            ref.loss(task, x).backward()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        assert torch.equal(params_of(model), params_of(ref))
+
+
+# ---------------------------------------------------------------- item 6: create_graph=True and double backward
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_create_graph_backward_and_gradient_penalty():
+    model, ref = Net(), Net()
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for m, o, wrapped in ((model, opt, True), (ref, ref_opt, False)):
+        for task, x in data(1):
+            ctx = opt.task(task) if wrapped else _null()
+            with ctx:
+                loss = m.loss(task, x)
+                loss.backward(create_graph=True)
+                # gradient penalty on the accumulated gradient (double backward)
+                penalty = sum(p.grad.pow(2).sum() for p in m.trunk.parameters())
+                penalty.backward()
+            for p in m.parameters():  # break the graph between micro-batches (and the reference cycle)
+                if p.grad is not None:
+                    p.grad = p.grad.detach()
+    torch.testing.assert_close(flat_grads(model), flat_grads(ref), rtol=0, atol=0)
+    cap = opt.captured_gradients()
+    assert not any(t.requires_grad for t in cap.values())
+    torch.testing.assert_close(cap["a"] + cap["b"], flat_grads(model))
+    opt.step()
+    ref_opt.step()
+    assert torch.equal(params_of(model), params_of(ref))
+
+
+def test_gradnorm_style_double_backward_through_autograd_grad():
+    """GradNorm-style: a loss built from ``autograd.grad(..., create_graph=True)``, then backward."""
+    model = Net()
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="mean")
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 5)
+    shared = list(model.trunk[2].parameters())
+    with opt.task("a"):
+        loss = model.loss("a", x)
+        g = torch.autograd.grad(loss, shared, create_graph=True)
+        gn_loss = loss + sum(t.norm() for t in g)
+        gn_loss.backward()
+    r_loss = ref.loss("a", x)
+    r_g = torch.autograd.grad(r_loss, list(ref.trunk[2].parameters()), create_graph=True)
+    (r_loss + sum(t.norm() for t in r_g)).backward()
+    torch.testing.assert_close(opt.captured_gradients()["a"], flat_grads(ref))
+    opt.step()
+    assert opt.diagnostics()["grad_scale"] == pytest.approx(1.0)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- item 7: torch.amp.GradScaler
+def _amp_run(method, steps, scaler_scale=None, clip=None, zero="opt", overflow_at=(), attach=True, plain=False, unscale=True, **options):
+    """Run ``steps`` steps of two micro-batches; returns (model, list of diagnostics per step).
+
+    ``scaler_scale``: None = no GradScaler, else its init_scale. ``overflow_at``: steps whose
+    first micro-batch loss is multiplied by inf (the scaler skips those steps).
+    ``plain``: the bare AdamW instead of the wrapper (reference).
+    """
+    model = Net()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = inner if plain else BalancedOptimizer(inner, method=method, **options)
+    scaler = None
+    if scaler_scale is not None:
+        scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale, growth_interval=1)
+        if attach and not plain:
+            opt.set_grad_scaler(scaler)
+    diags = []
+    for step in range(steps):
+        for i, (task, x) in enumerate(data(100 + step)):
+            loss = model.loss(task, x, scale=float("inf") if (step in overflow_at and i == 0) else 1.0)
+            ctx = _null() if plain else opt.task(task)
+            with ctx:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None and unscale:
+            scaler.unscale_(opt)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if zero == "opt":
+            opt.zero_grad()
+        elif zero == "model":
+            model.zero_grad()
+        elif zero == "model_inplace":
+            model.zero_grad(set_to_none=False)
+        diags.append({} if plain else opt.diagnostics())
+    return model, diags
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_grad_scaler_diagnostics_and_correction_are_in_unscaled_units(clip):
+    ref, ref_d = _amp_run("normalize", 3, clip=clip, target=1.0)
+    amp, amp_d = _amp_run("normalize", 3, scaler_scale=1024.0, clip=clip, target=1.0)
+    for r, a in zip(ref_d, amp_d):
+        for key in ("grad_norm/a", "grad_norm/b", "grad_norm/total", "grad_norm/update", "grad_scale", "update_share/a"):
+            assert a[key] == pytest.approx(r[key], rel=1e-5), key
+        assert a["loss_scale"] >= 1024.0
+    torch.testing.assert_close(params_of(amp), params_of(ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("zero", ["opt", "model", "model_inplace"])
+def test_grad_scaler_overflow_step_leaves_no_stale_buffers(zero):
+    # step 1 overflows: the scaler skips it; whatever zero_grad the loop uses, step 2 must be clean
+    amp, amp_d = _amp_run("mean", 3, scaler_scale=1024.0, zero=zero, overflow_at=(1,))
+    ref, ref_d = _amp_run("mean", 3, scaler_scale=1024.0, zero="opt", overflow_at=(1,))
+    assert torch.equal(params_of(amp), params_of(ref))
+    assert amp_d[2]["grad_norm/a"] == pytest.approx(ref_d[2]["grad_norm/a"])
+    assert amp_d[2]["num_microbatches/a"] == 2.0  # only step 2's micro-batches
+
+
+def test_grad_scaler_sum_is_bit_identical_to_plain_loop_with_overflow():
+    for zero in ("opt", "model"):
+        plain, _ = _amp_run("sum", 4, scaler_scale=2.0**16, clip=1.0, zero=zero, overflow_at=(1,), plain=True)
+        amp, _ = _amp_run("sum", 4, scaler_scale=2.0**16, clip=1.0, zero=zero, overflow_at=(1,))
+        assert torch.equal(params_of(amp), params_of(plain))
+
+
+def test_captured_gradients_are_unscaled_with_a_grad_scaler():
+    model = Net()
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    opt.set_grad_scaler(scaler)
+    assert opt.grad_scaler is scaler
+    with opt.task("a"):
+        scaler.scale(model.loss("a", torch.randn(4, 5))).backward()
+    scaler.unscale_(opt)
+    torch.testing.assert_close(opt.captured_gradients()["a"], flat_grads(model))
+    with pytest.raises(TypeError, match="GradScaler"):
+        opt.set_grad_scaler(object())
+
+
+# ---------------------------------------------------------------- item 13: non-leaf parameters
+def test_differentiable_optimizer_over_non_leaf_tensors_is_refused_at_construction():
+    base = torch.randn(4, 3, requires_grad=True)
+    weight = base * 1.0  # a non-leaf "parameter", as in meta-learning with differentiable=True
+    inner = torch.optim.SGD([weight], lr=0.1, differentiable=True)
+    with pytest.raises(ValueError, match="differentiable=True"):
+        BalancedOptimizer(inner)
+    # nothing left behind: no hook on the tensor, the inner optimizer untouched
+    assert not weight._backward_hooks
+    assert inner.state == {} and inner.param_groups[0]["params"] == [weight]
+
+
+@pytest.mark.parametrize("zero", ["opt", "model", "model_inplace"])
+def test_grad_scaler_without_set_grad_scaler_works_when_step_unscales(zero):
+    """No ``set_grad_scaler``, no ``scaler.unscale_``: GradScaler.step hands the scale over."""
+    ref, ref_d = _amp_run("normalize", 3, zero=zero, target=1.0)
+    amp, amp_d = _amp_run("normalize", 3, scaler_scale=1024.0, zero=zero, attach=False, unscale=False, target=1.0)
+    for r, a in zip(ref_d, amp_d):
+        assert a["grad_norm/a"] == pytest.approx(r["grad_norm/a"], rel=1e-5)
+        assert a["grad_scale"] == pytest.approx(1.0)
+    torch.testing.assert_close(params_of(amp), params_of(ref), rtol=1e-5, atol=1e-6)
+    # an overflow step is skipped and leaves nothing behind
+    amp, amp_d = _amp_run("mean", 3, scaler_scale=1024.0, zero=zero, overflow_at=(1,), attach=False, unscale=False)
+    assert amp_d[1]["amp_skipped"] == 1.0
+    assert amp_d[2]["num_microbatches/a"] == 2.0
+    plain, _ = _amp_run("sum", 3, scaler_scale=1024.0, zero=zero, overflow_at=(1,), plain=True, unscale=False)
+    amp, _ = _amp_run("sum", 3, scaler_scale=1024.0, zero=zero, overflow_at=(1,), attach=False, unscale=False)
+    assert torch.equal(params_of(amp), params_of(plain))
+
+
+def test_grad_scaler_unscale_without_set_grad_scaler_is_refused_clearly():
+    model = Net()
+    opt = BalancedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), method="normalize")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = params_of(model).clone()
+    with opt.task("a"):
+        scaler.scale(model.loss("a", torch.randn(4, 5))).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="set_grad_scaler"):
+        scaler.step(opt)
+    assert torch.equal(params_of(model), before)
+    assert opt.optimizer.state == {}
