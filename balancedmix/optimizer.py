@@ -11,8 +11,9 @@ Usage::
     opt.zero_grad()
     log(opt.diagnostics())                    # {"grad_norm/math": ..., "update_share/code": ...}
 
-How it works: a gradient hook on every trainable parameter adds the parameter's gradient of
-each backward into the current task's flat buffer, while ``p.grad`` keeps accumulating the plain
+How it works: gradient hooks on every trainable parameter add the parameter's gradient of
+each backward into the current task's flat buffer (only gradients accumulated into ``p.grad``:
+``torch.autograd.grad`` is not captured), while ``p.grad`` keeps accumulating the plain
 total as usual (so gradient clipping, grad-norm logging and DDP's reducer see what they always
 see). ``step()`` computes the Gram matrix of the task buffers (one matrix product), checks that
 ``p.grad`` still equals their sum up to a uniform scale (a clip or an AMP unscale), asks the
@@ -455,7 +456,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
             logger.info("GradScaler found inf/NaN gradients: step %d skipped, captured gradients dropped", self.num_steps)
             return False
         if grad_scale is None:
-            self._reset()
+            # the scaler deletes these after step() returns, not when it raises; the captures are
+            # kept, so that set_grad_scaler(scaler) and a second scaler.step(opt) finish the step
+            del self.found_inf, self.grad_scale
             raise RuntimeError(
                 "a torch.amp.GradScaler unscaled the gradients (scaler.unscale_(opt)) before stepping this "
                 "BalancedOptimizer, which does not know the loss scale: the task gradients it captured are "
@@ -851,8 +854,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
         ``cos/<a>/<b>``, ``grad_norm/total`` (norm of the plain summed gradient, pre-clip),
         ``grad_norm/update`` (norm of the gradient handed to the inner optimizer),
         ``grad_scale`` (uniform rescale detected on p.grad, 1.0 without clipping),
-        ``num_microbatches/<task>``, ``buffer_bytes``, ``step``. Tasks absent from the step have
-        only ``num_microbatches/<task> = 0``.
+        ``num_microbatches/<task>``, ``buffer_bytes``, ``step``; with a ``torch.amp.GradScaler``
+        ``loss_scale`` (every figure above is in unscaled units) and ``amp_skipped`` (see
+        :meth:`set_grad_scaler`). Tasks absent from the step have only ``num_microbatches/<task> = 0``.
         """
         return dict(self._diagnostics)
 

@@ -281,7 +281,14 @@ def test_grad_scaler_unscale_without_set_grad_scaler_is_refused_clearly():
     with opt.task("a"):
         scaler.scale(model.loss("a", torch.randn(4, 5))).backward()
     scaler.unscale_(opt)
+    unscaled_norm = float(flat_grads(model).norm())
     with pytest.raises(RuntimeError, match="set_grad_scaler"):
         scaler.step(opt)
     assert torch.equal(params_of(model), before)
     assert opt.optimizer.state == {}
+    # nothing lost: attach the scaler and step again
+    opt.set_grad_scaler(scaler)
+    scaler.step(opt)
+    assert not torch.equal(params_of(model), before)
+    assert opt.diagnostics()["grad_norm/a"] == pytest.approx(opt.diagnostics()["grad_norm/total"])
+    assert opt.diagnostics()["grad_norm/total"] == pytest.approx(unscaled_norm, rel=1e-6)
