@@ -464,6 +464,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 "BalancedOptimizer, which does not know the loss scale: the task gradients it captured are "
                 "loss-scaled. Attach the scaler once with opt.set_grad_scaler(scaler). Parameters were not updated."
             )
+        # multi-process: agree on the step first (DDP sync="buffers" rebuilds p.grad from the
+        # loss-scaled buffers); the unscale below then applies to the global gradient
+        self.synchronize()
         inv = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in self._params:

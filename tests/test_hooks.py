@@ -292,3 +292,48 @@ def test_grad_scaler_unscale_without_set_grad_scaler_is_refused_clearly():
     assert not torch.equal(params_of(model), before)
     assert opt.diagnostics()["grad_norm/a"] == pytest.approx(opt.diagnostics()["grad_norm/total"])
     assert opt.diagnostics()["grad_norm/total"] == pytest.approx(unscaled_norm, rel=1e-6)
+
+
+# ---------------------------------------------------------------- item 7 under DDP (2 gloo processes)
+def _ddp_amp_worker(rank: int, world: int, method: str, mode: str, attach: bool, clip: float | None) -> dict:
+    from test_distributed import M, SCHEDULE, STEPS, TASKS as DTASKS, _null as dnull, batch, loss_fn, make_model
+    from test_distributed import params_of as dparams
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=DTASKS, method=method)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    if attach:
+        opt.set_grad_scaler(scaler)
+    diags = []
+    for step in range(STEPS):
+        for i, task in enumerate(SCHEDULE[rank]):
+            sync_now = mode == "ddp" and i == M - 1
+            with (dnull() if sync_now else ddp.no_sync()), opt.task(task):
+                scaler.scale(loss_fn(ddp, batch(step, rank, i, task)) / M).backward()
+        if clip is not None:
+            opt.synchronize()  # global gradients before the scaler and the clip (no_sync micro-steps)
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        diags.append(opt.diagnostics())
+    return {"diags": diags, "params": dparams(model)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "buffers"])
+@pytest.mark.parametrize("attach, clip", [(True, 0.05), (False, None)])
+def test_grad_scaler_under_ddp_matches_single_process_without_amp(mode, attach, clip):
+    from dist_harness import run_ranks
+    from test_distributed import TIMEOUT, assert_diag_equal, assert_params_equal, reference
+
+    want_diags, want_params = reference("normalize", clip=clip)
+    results = run_ranks(_ddp_amp_worker, 2, "normalize", mode, attach, clip, timeout=TIMEOUT)
+    for res in results:
+        for got, want in zip(res["diags"], want_diags):
+            assert_diag_equal(got, want)
+            assert got["loss_scale"] == 1024.0
+        assert_params_equal(res["params"], want_params)
