@@ -337,3 +337,14 @@ def test_grad_scaler_under_ddp_matches_single_process_without_amp(mode, attach, 
             assert_diag_equal(got, want)
             assert got["loss_scale"] == 1024.0
         assert_params_equal(res["params"], want_params)
+
+
+def test_balanced_grpo_trainer_attaches_the_accelerators_grad_scaler(tmp_path):
+    pytest.importorskip("trl")
+    import test_trl
+
+    trainer = test_trl.make_trainer(test_trl.BalancedGRPOTrainer, test_trl.build_char_tokenizer(), tmp_path)
+    scaler = torch.amp.GradScaler("cpu")
+    trainer.accelerator.scaler = scaler  # what Accelerator(mixed_precision="fp16") holds on a GPU
+    opt = trainer.create_optimizer()
+    assert opt.grad_scaler is scaler
