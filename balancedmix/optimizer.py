@@ -261,7 +261,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             if not p.is_leaf:
                 raise ValueError(
                     f"trainable parameter {i} (shape {tuple(p.shape)}) is not a leaf tensor (an optimizer built with "
-                    "differentiable=True over non-leaf tensors?). balancedmix captures gradients where backward() "
+                    "differentiable=True over non-leaf tensors, or a tensor with retain_grad()?). balancedmix captures gradients where backward() "
                     "accumulates them into p.grad, which non-leaf tensors do not have, and each in-place update "
                     "gives them a new autograd node, so hooks would go stale after the first step. Wrap an "
                     "optimizer over leaf parameters (differentiable=False), or use the plain optimizer."
@@ -462,7 +462,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 "a torch.amp.GradScaler unscaled the gradients (scaler.unscale_(opt)) before stepping this "
                 "BalancedOptimizer, which does not know the loss scale: the task gradients it captured are "
-                "loss-scaled. Attach the scaler once with opt.set_grad_scaler(scaler). Parameters were not updated."
+                "loss-scaled. Attach the scaler once with opt.set_grad_scaler(scaler) (with accelerate: "
+                "opt.set_grad_scaler(accelerator.scaler)). Parameters were not updated."
             )
         # multi-process: agree on the step first (DDP sync="buffers" rebuilds p.grad from the
         # loss-scaled buffers); the unscale below then applies to the global gradient

@@ -349,3 +349,14 @@ def test_balanced_grpo_trainer_attaches_the_accelerators_grad_scaler(tmp_path):
     trainer.accelerator.scaler = scaler  # what Accelerator(mixed_precision="fp16") holds on a GPU
     opt = trainer.create_optimizer()
     assert opt.grad_scaler is scaler
+
+
+def test_non_leaf_tensor_with_retain_grad_is_refused_at_construction():
+    base = torch.randn(4, 3, requires_grad=True)
+    weight = base * 2.0
+    weight.retain_grad()  # torch.optim accepts it without differentiable=True
+    leaf = torch.nn.Parameter(torch.randn(3))
+    inner = torch.optim.SGD([leaf, weight], lr=0.1)
+    with pytest.raises(ValueError, match="parameter 1 .*not a leaf"):
+        BalancedOptimizer(inner)
+    assert not leaf._backward_hooks and not leaf._post_accumulate_grad_hooks  # nothing hooked before refusing
