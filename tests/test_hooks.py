@@ -360,3 +360,37 @@ def test_non_leaf_tensor_with_retain_grad_is_refused_at_construction():
     with pytest.raises(ValueError, match="parameter 1 .*not a leaf"):
         BalancedOptimizer(inner)
     assert not leaf._backward_hooks and not leaf._post_accumulate_grad_hooks  # nothing hooked before refusing
+
+
+def _ddp_bucket_view_worker(rank: int, world: int, mode: str) -> dict:
+    from test_distributed import M, SCHEDULE, STEPS, TASKS as DTASKS, _null as dnull, batch, loss_fn, make_model
+    from test_distributed import params_of as dparams
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model, gradient_as_bucket_view=True)  # p.grad becomes a view into DDP's bucket
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=DTASKS, method="normalize")
+    diags = []
+    for step in range(STEPS):
+        for i, task in enumerate(SCHEDULE[rank]):
+            sync_now = mode == "ddp" and i == M - 1
+            with (dnull() if sync_now else ddp.no_sync()), opt.task(task):
+                (loss_fn(ddp, batch(step, rank, i, task)) / M).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=step % 2 == 0)
+        diags.append(opt.diagnostics())
+    return {"diags": diags, "params": dparams(model)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "buffers"])
+def test_capture_reads_the_local_gradient_with_ddp_bucket_views(mode):
+    """The post-accumulate hook runs before DDP's reducer hook: the captured gradient is local."""
+    from dist_harness import run_ranks
+    from test_distributed import TIMEOUT, assert_diag_equal, assert_params_equal, reference
+
+    want_diags, want_params = reference("normalize")
+    for res in run_ranks(_ddp_bucket_view_worker, 2, mode, timeout=TIMEOUT):
+        for got, want in zip(res["diags"], want_diags):
+            assert_diag_equal(got, want)
+        assert_params_equal(res["params"], want_params)
