@@ -11,8 +11,9 @@ Usage::
     opt.zero_grad()
     log(opt.diagnostics())                    # {"grad_norm/math": ..., "update_share/code": ...}
 
-How it works: a gradient hook on every trainable parameter adds the parameter's gradient of
-each backward into the current task's flat buffer, while ``p.grad`` keeps accumulating the plain
+How it works: gradient hooks on every trainable parameter add the parameter's gradient of
+each backward into the current task's flat buffer (only gradients accumulated into ``p.grad``:
+``torch.autograd.grad`` is not captured), while ``p.grad`` keeps accumulating the plain
 total as usual (so gradient clipping, grad-norm logging and DDP's reducer see what they always
 see). ``step()`` computes the Gram matrix of the task buffers (one matrix product), checks that
 ``p.grad`` still equals their sum up to a uniform scale (a clip or an AMP unscale), asks the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -144,6 +146,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._microbatches: dict[int, int] = {}
         self._diagnostics: dict[str, float] = {}
         self._hooks: list[Any] = []
+        self._pending: tuple[int, torch.Tensor | None] | None = None  # gradient parked by a tensor hook
+        self._grad_scaler: torch.amp.GradScaler | None = None
+        self._amp_token: object | None = None  # the scaler's per-iteration state when this step's first capture ran
+        self._unit = 1.0  # 1 / loss scale of the step being prepared (buffers hold loss-scaled gradients)
+        self._amp_scale: float | None = None  # loss scale handed over by GradScaler.step (unattached protocol)
         self._params: list[torch.Tensor] = []
         self._row_counts: dict[int, int] = {}
         self._synced: SyncResult | None = None
@@ -197,6 +204,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         if self._microbatches or getattr(self, "buffers", None) is not None and self.buffers.used:
             raise RuntimeError("add_param_group in the middle of a step (gradients captured, step() not yet called)")
         seen = {id(p) for p in self._params}
+        self._check_hookable(new_params)
         for p in new_params:
             if id(p) in seen:
                 continue
@@ -204,22 +212,75 @@ class BalancedOptimizer(torch.optim.Optimizer):
             index = len(self._params)
             self._params.append(p)
             if self._dist.uses_hooks:
-                self._hooks.append(p.register_hook(self._make_hook(index)))
+                self._hooks.extend(self._register_hooks(p, index))
         # float32 buffers (exact sums of bf16/fp16 micro-batch gradients); float64 for float64 models
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
         self.buffers = FlatBuffers([self._dist.local(p) for p in self._params], dtype=dtype, order=_row_order)
         self._dist.setup(self.buffers, len(self.registry), self.registry.declared, self.estimator)
 
-    def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
-            row = self._active_row
-            if row is None:
-                row = self.buffers.row(_UNTAGGED)
-            elif row == _DISCARD:
-                return  # a task block whose label failed (multi-process: raised collectively at step())
-            self.buffers.add(row, index, grad)
+    def _register_hooks(self, p: torch.Tensor, index: int) -> list[Any]:
+        """Hook ``p`` so that every gradient ``backward()`` accumulates into ``p.grad`` is captured.
 
-        return hook
+        Two hooks per parameter, because neither alone sees exactly those gradients:
+
+        - a tensor hook (``register_hook``) sees the gradient of each backward but also those of
+          ``torch.autograd.grad(..., inputs=p)``, which never reach ``p.grad`` (gradient
+          penalties, a logged gradient norm). It only parks the gradient in a one-entry slot
+          (a reference, no copy; nothing at all when ``p.grad`` is ``None``, see below);
+        - a post-accumulate hook (``register_post_accumulate_grad_hook``) runs only after
+          autograd has accumulated into ``p.grad``, right after the tensor hook of the same
+          parameter (one autograd node runs both back to back). It adds the parked gradient
+          into the active task's row. When ``p.grad`` was ``None`` before this backward, the
+          gradient is read from ``p.grad`` itself: parking a reference would stop autograd from
+          stealing the gradient into ``p.grad`` and cost a copy on every first micro-batch.
+
+        Non-leaf parameters (``differentiable=True`` optimizers) have no ``p.grad`` accumulation
+        and no post-accumulate hook: :meth:`_check_hookable` refuses them first.
+        """
+        ref = weakref.ref(p)  # the hook lives on p: a strong reference would be a cycle through the wrapper
+
+        def park(grad: torch.Tensor) -> None:
+            param = ref()
+            self._pending = (index, None if param is None or param.grad is None else grad)
+
+        def capture(param: torch.Tensor) -> None:
+            pending, self._pending = self._pending, None
+            if pending is None or pending[0] != index:  # pragma: no cover - autograd runs both hooks back to back
+                logger.warning("gradient of parameter %d accumulated without its tensor hook; not captured", index)
+                return
+            grad = param.grad if pending[1] is None else pending[1]
+            if grad is not None:
+                self._capture(index, grad)
+
+        return [p.register_hook(park), p.register_post_accumulate_grad_hook(capture)]
+
+    @staticmethod
+    def _check_hookable(params: Sequence[torch.Tensor]) -> None:
+        """Refuse parameters whose accumulated gradients the hooks cannot see, before hooking any."""
+        for i, p in enumerate(params):
+            if not p.is_leaf:
+                raise ValueError(
+                    f"trainable parameter {i} (shape {tuple(p.shape)}) is not a leaf tensor (an optimizer built with "
+                    "differentiable=True over non-leaf tensors, or a tensor with retain_grad()?). balancedmix captures gradients where backward() "
+                    "accumulates them into p.grad, which non-leaf tensors do not have, and each in-place update "
+                    "gives them a new autograd node, so hooks would go stale after the first step. Wrap an "
+                    "optimizer over leaf parameters (differentiable=False), or use the plain optimizer."
+                )
+
+    def _capture(self, index: int, grad: torch.Tensor) -> None:
+        """Add one parameter's accumulated gradient into the active task's row (or the untagged row)."""
+        if self._grad_scaler is not None:
+            self._drop_if_stale()
+        row = self._active_row
+        if row is None:
+            row = self.buffers.row(_UNTAGGED)
+        elif row == _DISCARD:
+            return  # a task block whose label failed (multi-process: raised collectively at step())
+        if self._amp_token is None and self._grad_scaler is not None:
+            self._amp_token = self._scaler_token()
+        # detach: with backward(create_graph=True) the gradient carries a graph; the buffer holds values only
+        with torch.no_grad():
+            self.buffers.add(row, index, grad.detach())
 
     def remove_hooks(self) -> None:
         """Detach the gradient hooks (the wrapper then sees no gradient; call before discarding it)."""
@@ -257,6 +318,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """
         if self._in_context:
             raise RuntimeError("opt.task(...) blocks cannot be nested")
+        if self._grad_scaler is not None:
+            self._drop_if_stale()
         try:
             name = resolve_task(batch_or_name, self.task_key, self.registry)
             index = self.registry.index(name)
@@ -311,6 +374,119 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._microbatches = {}
         self._row_counts = {}
         self._synced = None
+        self._pending = None
+        self._amp_token = None
+        self._amp_scale = None
+
+    # ------------------------------------------------------------------ torch.amp.GradScaler
+    def set_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Tell the wrapper which ``torch.amp.GradScaler`` scales the losses (``None`` to detach it).
+
+        The task buffers capture what backward produces, i.e. loss-scaled gradients, while the
+        scaler unscales ``p.grad`` only. With the scaler attached, ``step()`` divides the captured
+        gradients by the scaler's current scale: ``grad_norm/<task>``, the method's Gram matrix
+        (so ``normalize(target=...)``) and :meth:`captured_gradients` are in unscaled units,
+        ``grad_scale`` is the clip factor alone and ``loss_scale`` is logged. And a step the
+        scaler skips (overflow: ``scaler.step`` does not call ``step()``) leaves no stale buffers:
+        the first backward or :meth:`task` block after ``scaler.update()`` drops them, whether
+        the gradients were then cleared by ``opt.zero_grad()`` or ``model.zero_grad()`` (either
+        flavour of ``set_to_none``). Without an attached scaler, ``GradScaler.step`` hands the
+        scale over itself (see ``docs/diagnostics.md``), unless ``scaler.unscale_(opt)`` was called
+        first: then ``step()`` raises, asking for this call.
+        Use the usual loop::
+
+            opt.set_grad_scaler(scaler)
+            with opt.task(batch):
+                scaler.scale(loss).backward()
+            scaler.unscale_(opt)                      # optional: clip unscaled gradients
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+
+        ``BalancedGRPOTrainer`` attaches the accelerator's scaler itself.
+        """
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"set_grad_scaler needs a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        self._grad_scaler = scaler
+        self._amp_token = None
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The attached ``torch.amp.GradScaler`` (see :meth:`set_grad_scaler`), or ``None``."""
+        return self._grad_scaler
+
+    def _scaler_token(self) -> object:
+        # GradScaler.update() replaces its per-optimizer state dict: a new object means a new iteration
+        return self._grad_scaler._per_optimizer_states  # type: ignore[union-attr]
+
+    def _drop_if_stale(self) -> None:
+        """Drop the captures of an iteration whose step the GradScaler skipped (overflow)."""
+        if self._amp_token is not None and self._scaler_token() is not self._amp_token:
+            logger.info("GradScaler skipped the optimizer step (inf/NaN gradients); dropping its captured gradients")
+            self._reset()
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # read by GradScaler.step
+        # Without an attached scaler, ask GradScaler.step to always call step() and hand over the
+        # loss scale and the inf flag (``grad_scale`` / ``found_inf`` attributes), so a skipped step
+        # still drops its buffers and the buffers' scale is known. With one attached, keep the
+        # plain protocol (the scaler unscales p.grad and skips step() on overflow), which is what
+        # accelerate's ``step_was_skipped`` (the HF Trainer's LR scheduler) relies on.
+        return self._grad_scaler is None
+
+    def _amp_begin(self) -> bool:
+        """``GradScaler.step`` protocol for an unattached wrapper. Returns whether to step.
+
+        Called with ``found_inf`` set: overflow → drop the captures and skip (no inner step, the
+        step count unchanged, as the plain protocol never calls ``step()``). Else, with
+        ``grad_scale`` set (``unscale_`` not called), unscale ``p.grad`` exactly as the scaler
+        would and remember the scale for the buffers; with ``grad_scale`` unset (the user
+        called ``scaler.unscale_``) the scale is unknown: refuse, naming :meth:`set_grad_scaler`.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None or self._grad_scaler is not None:
+            return True
+        grad_scale = getattr(self, "grad_scale", None)
+        if float(found_inf) > 0:
+            self._reset()
+            self._diagnostics = {"step": float(self.num_steps), "amp_skipped": 1.0}
+            if grad_scale is not None:
+                self._diagnostics["loss_scale"] = float(grad_scale)
+            logger.info("GradScaler found inf/NaN gradients: step %d skipped, captured gradients dropped", self.num_steps)
+            return False
+        if grad_scale is None:
+            # the scaler deletes these after step() returns, not when it raises; the captures are
+            # kept, so that set_grad_scaler(scaler) and a second scaler.step(opt) finish the step
+            del self.found_inf, self.grad_scale
+            raise RuntimeError(
+                "a torch.amp.GradScaler unscaled the gradients (scaler.unscale_(opt)) before stepping this "
+                "BalancedOptimizer, which does not know the loss scale: the task gradients it captured are "
+                "loss-scaled. Attach the scaler once with opt.set_grad_scaler(scaler) (with accelerate: "
+                "opt.set_grad_scaler(accelerator.scaler)). Parameters were not updated."
+            )
+        # multi-process: agree on the step first (DDP sync="buffers" rebuilds p.grad from the
+        # loss-scaled buffers); the unscale below then applies to the global gradient
+        self.synchronize()
+        inv = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in self._params:
+            if p.grad is not None:
+                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for (device, _), grads in groups.items():
+            dummy = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, dummy, inv.to(device))
+        self._amp_scale = float(grad_scale)
+        return True
+
+    def _loss_unit(self) -> float:
+        """``1 / loss scale`` of the attached GradScaler (1.0 without one, disabled or never used)."""
+        if self._amp_scale is not None:
+            return 1.0 / self._amp_scale
+        sc = self._grad_scaler
+        if sc is None or not sc.is_enabled() or sc._scale is None:
+            return 1.0
+        return 1.0 / sc.get_scale()
 
     @torch.no_grad()
     def synchronize(self) -> None:
@@ -351,6 +527,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._amp_begin():  # a GradScaler found inf/NaN: skip the step (see set_grad_scaler)
+            return loss
         for pre_hook in list(self._optimizer_step_pre_hooks.values()):
             pre_hook(self, (), {})
         try:
@@ -369,6 +547,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def _prepare_step(self) -> bool:
         """Everything before the inner step. Returns whether to run the inner step."""
         buf = self.buffers
+        self._unit = self._loss_unit()
         self.synchronize()
         assert self._synced is not None
         rows = self._synced.rows
@@ -493,6 +672,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
                     g = grad[start:stop].to(buf.dtype)
                     grad_dots += (block @ g).to(torch.float64)
                     grad_sq += torch.dot(g, g).to(torch.float64)
+        if self._unit != 1.0:  # loss-scaled buffers (GradScaler): report and correct in unscaled units
+            row_gram *= self._unit * self._unit
+            grad_dots *= self._unit
         return row_gram, grad_dots, grad_sq
 
     def _add_to_grads(self, weights: torch.Tensor, rebuild: bool) -> None:
@@ -502,7 +684,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         is several times faster than ``block.T @ w`` on wide slices such as an embedding.
         """
         buf = self.buffers
-        w = weights.to(device=buf.data.device, dtype=buf.dtype)
+        w = (weights * self._unit).to(device=buf.data.device, dtype=buf.dtype)  # weights apply to unscaled rows
         for i, p in enumerate(self._params):
             if p.grad is None:
                 continue
@@ -616,6 +798,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         out["grad_norm/total"] = math.sqrt(max(float(gram_ext.sum()), 0.0))
         out["grad_norm/update"] = abs(scale) * math.sqrt(max(float(stats.combined_sqnorm(gram_ext, coef_ext)), 0.0))
         out["grad_scale"] = float(scale)
+        if self._grad_scaler is not None or self._amp_scale is not None:
+            out["loss_scale"] = 1.0 / self._unit
         if self.estimator == "split":
             for t, name in zip(task_ids, names):
                 m = self._microbatches.get(t, 0)
@@ -650,6 +834,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """
         buf = self.buffers
         rows = buf.finish()
+        unit = self._loss_unit()
         out: dict[str, torch.Tensor] = {}
         for r in rows:
             key = buf.keys[r]
@@ -658,6 +843,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 out[name] += buf.data[r]
             else:
                 out[name] = buf.data[r].clone()
+        if unit != 1.0:
+            for t in out.values():
+                t.mul_(unit)
         return out
 
     def diagnostics(self) -> dict[str, float]:
@@ -670,8 +858,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
         ``cos/<a>/<b>``, ``grad_norm/total`` (norm of the plain summed gradient, pre-clip),
         ``grad_norm/update`` (norm of the gradient handed to the inner optimizer),
         ``grad_scale`` (uniform rescale detected on p.grad, 1.0 without clipping),
-        ``num_microbatches/<task>``, ``buffer_bytes``, ``step``. Tasks absent from the step have
-        only ``num_microbatches/<task> = 0``.
+        ``num_microbatches/<task>``, ``buffer_bytes``, ``step``; with a ``torch.amp.GradScaler``
+        ``loss_scale`` (every figure above is in unscaled units) and ``amp_skipped`` (see
+        :meth:`set_grad_scaler`). Tasks absent from the step have only ``num_microbatches/<task> = 0``.
         """
         return dict(self._diagnostics)
 

@@ -529,6 +529,9 @@ class BalancedGRPOMixin:
                 on_step=self._bm_on_optimizer_step,
                 **cfg.method_options,
             )
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16: the task buffers hold loss-scaled gradients
+        if scaler is not None and bopt.grad_scaler is None:
+            bopt.set_grad_scaler(scaler)
         self.optimizer = bopt
         self.balanced_optimizer = bopt
         return bopt
