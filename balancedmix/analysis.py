@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .comparison import load_scores
 from .logger import scan_jsonl
 from .significance import windowed_gain
 
@@ -120,6 +121,8 @@ class Run:
         problems: what is wrong with the log but did not stop it from loading (a torn line
             set aside, an unfinished run, a file split into several runs); each was logged as
             a warning and the report lists them.
+        scores: per-prompt held-out scores (``eval_scores.json``,
+            :class:`balancedmix.comparison.RunScores`) or ``None``.
     """
 
     name: str
@@ -130,6 +133,7 @@ class Run:
     tasks: tuple[str, ...]
     meta: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    scores: Any = None
 
     def series(self, key: str) -> np.ndarray:
         """``float64 [S]``: the key's value at every step, NaN where missing or null."""
@@ -259,6 +263,7 @@ def _load(path: str | os.PathLike[str], name: str | None, split_runs: bool) -> l
             "its figures cover only the steps it logged"
         )
     label = name or str(meta.get("name") or (folder.name if path.is_dir() else path.stem))
+    scores = load_scores(folder) if path.is_dir() else None
     runs = []
     for i, seg in enumerate(segments, start=1):
         steps = np.array(sorted(seg["train"]), dtype=np.int64)
@@ -287,6 +292,7 @@ def _load(path: str | os.PathLike[str], name: str | None, split_runs: bool) -> l
                 tasks=tasks,
                 meta=meta if last else {},
                 problems=run_problems,
+                scores=scores if last else None,
             )
         )
     for run in runs:
@@ -903,7 +909,7 @@ def _baseline(runs: Sequence[Run]) -> Run:
     return runs[0]
 
 
-def _findings(runs: Sequence[Run], strong: float) -> list[str]:
+def _findings(runs: Sequence[Run], strong: float, seeds: int = 1) -> list[str]:
     """Plain statements about what the data show, including disagreements with the paper."""
     base = _baseline(runs)
     lines: list[str] = []
@@ -948,14 +954,15 @@ def _findings(runs: Sequence[Run], strong: float) -> list[str]:
             )
     noise = [r for r in signal_noise_table(base) if math.isfinite(r["noise share of raw ‖g‖²"])]
     if noise:
-        words = "; ".join(
-            f"{100 * max(0.0, min(1.0, r['noise share of raw ‖g‖²'])):.0f} % of `{r['task']}`'s"
-            + ("" if r["signal resolved"] else " (signal not resolved from noise)")
+        shares = ", ".join(
+            f"`{r['task']}` {100 * max(0.0, min(1.0, r['noise share of raw ‖g‖²'])):.0f} %"
+            + ("" if r["signal resolved"] else " (signal not resolved)")
             for r in noise
         )
         unresolved = [r["task"] for r in noise if not r["signal resolved"]]
         lines.append(
-            f"**Signal vs noise.** At this batch size, {words} raw squared gradient norm is sampling noise. "
+            f"**Signal vs noise.** Share of each task's raw squared gradient norm that is sampling noise at this batch "
+            f"size: {shares}. "
             + (
                 "Ratios between tasks involving "
                 + ", ".join(f"`{t}`" for t in unresolved)
@@ -1038,12 +1045,48 @@ def _findings(runs: Sequence[Run], strong: float) -> list[str]:
             lines.append(f"**`{run.name}` vs `{base.name}`.** " + "; ".join(parts) + ".")
     n_eval = base.meta.get("eval_rows_per_task")
     caveat = (
-        f"**Caveats.** {len(base.steps)} optimizer steps, one seed"
+        f"**Caveats.** {len(base.steps)} optimizer steps"
+        + (
+            f", {seeds} seeds: the figures in this section are the first seed's; the Decision section uses every seed"
+            if seeds > 1
+            else ", one seed"
+        )
         + (f", {n_eval} held-out prompts per task (a 0.5 accuracy has a standard error of {0.5 / math.sqrt(n_eval):.3f})" if n_eval else "")
         + ". Differences smaller than that are noise."
     )
     lines.append(caveat)
     return lines
+
+
+def _run_key(run: Run) -> str:
+    """The name a run is grouped by across seeds: ``run.json``'s ``name``, else the run's label."""
+    return str(run.meta.get("name", run.name))
+
+
+def _one_seed_per_name(runs: Sequence[Run]) -> list[Run]:
+    """The first run of each name (the per-run sections show one seed; the Decision uses all)."""
+    seen: dict[str, Run] = {}
+    for run in runs:
+        seen.setdefault(_run_key(run), run)
+    return list(seen.values())
+
+
+def _decision(runs: Sequence[Run], baseline: str) -> tuple[list[str], list[dict[str, str]]]:
+    """Verdict sentences and table rows of every run name against ``baseline``, paired over seeds and prompts.
+
+    Empty when fewer than two names have per-prompt scores (``eval_scores.json``); a comparison that
+    cannot be made (different prompts, no shared seed) becomes a sentence saying why.
+    """
+    from .comparison import compare_groups, comparison_rows, verdict_sentences
+
+    scores = [r.scores for r in runs if r.scores is not None]
+    if len({s.name for s in scores}) < 2 or baseline not in {s.name for s in scores}:
+        return [], []
+    try:
+        comparisons = compare_groups(scores, baseline=baseline)
+    except ValueError as err:
+        return [f"No paired comparison: {err}."], []
+    return verdict_sentences(comparisons, baseline), comparison_rows(comparisons)
 
 
 def write_report(
@@ -1055,7 +1098,12 @@ def write_report(
 ) -> Path:
     """Write ``out/report.md`` with every table and plot; returns its path.
 
-    Sections: Findings, Runs compared, Per-task gradients, Gradient norm over steps, Update
+    Several runs of one name (``run.json`` ``name``, one per seed) are one method: the per-run
+    sections show its first run, and the Decision section at the top compares every name with the
+    baseline paired over all seeds and prompts (runs with ``eval_scores.json``,
+    :mod:`balancedmix.comparison`).
+
+    Sections: Decision, Findings, Runs compared, Per-task gradients, Gradient norm over steps, Update
     share, Task-gradient cosines, Learning gain vs gradient norm, Correlation with training
     statistics. ``strong`` is the |Spearman| above which a statistic counts as explaining the
     gradient norm. ``gain_window``: the window ``s`` (steps) of the paper's ``Gain(t)`` (default
@@ -1065,19 +1113,35 @@ def write_report(
     if not runs:
         raise ValueError("write_report needs at least one run")
     out = Path(out)
+    all_runs = list(runs)
+    runs = _one_seed_per_name(all_runs)
+    base_key = _run_key(_baseline(runs))
+    seeds = len({r.meta.get("seed") for r in all_runs if _run_key(r) == base_key})
+    verdicts, decision_rows = _decision(all_runs, base_key)
     plots = write_plots(runs, out, gain_window=gain_window)
 
     def img(name: str, alt: str) -> str:
         return f"![{alt}]({plots[name].name})\n" if name in plots else ""
 
     parts = [f"# {title}\n\n"]
-    parts.append("Runs: " + ", ".join(f"`{r.name}` ({r.method}, {len(r.steps)} steps, `{r.path}`)" for r in runs) + "\n")
-    flagged = [(r, p) for r in runs for p in r.problems]
+    if verdicts:
+        parts.append("## Decision\n\n")
+        parts.extend(f"- {line}\n" for line in verdicts)
+        parts.append(
+            "\nDifferences of final held-out exact-match accuracy to the baseline, paired by seed and prompt, with "
+            "confidence intervals over both (seeds × prompts random effects, `docs/significance.md`); a verdict only where "
+            "the interval excludes 0.\n\n"
+        )
+        if decision_rows:
+            parts.append(markdown_table(decision_rows))
+        parts.append("\n")
+    parts.append("Runs: " + ", ".join(f"`{r.name}` ({r.method}, {len(r.steps)} steps, `{r.path}`)" for r in all_runs) + "\n")
+    flagged = [(r, p) for r in all_runs for p in r.problems]
     if flagged:
         parts.append("\n**Log problems** (the figures below use what could be read):\n\n")
         parts.extend(f"- `{r.name}`: {p}\n" for r, p in flagged)
     parts.append("\n## Findings\n\n")
-    parts.extend(f"- {line}\n" for line in _findings(runs, strong))
+    parts.extend(f"- {line}\n" for line in _findings(runs, strong, seeds))
     parts.append("\n## Runs compared\n\n")
     parts.append(
         "Final held-out exact-match accuracy per task (`acc/<task>`), its mean and the worst task; `‖g‖² ratio`: "

@@ -62,6 +62,7 @@ def _demo(args: argparse.Namespace) -> int:
         preset=preset,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        seeds=args.seeds,
     )
     logger.info("report: %s", path)
     return 0
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive, default=None, help="GRPO optimizer steps per run (default: the preset's)")
     demo.add_argument("--out", default="balancedmix_demo", help="output folder (default: balancedmix_demo)")
     demo.add_argument("--seed", type=_seed, default=0, help="seed of data, model, warm start and sampling (default: 0)")
+    demo.add_argument(
+        "--seeds",
+        type=_positive,
+        default=1,
+        help="RL seeds per method (SEED, SEED+1, ...): the report compares methods paired by seed and prompt, with 95%% intervals (default: 1)",
+    )
     demo.add_argument(
         "--overwrite",
         action="store_true",

@@ -38,7 +38,8 @@ from typing import Any
 import torch
 
 from ..analysis import INCOMPLETE_MARKER
-from .suite import SuiteConfig, build_splits, evaluate, max_answer_chars, reward_functions, sft_warm_start
+from ..comparison import write_eval_scores
+from .suite import SuiteConfig, build_splits, max_answer_chars, reward_functions, score_prompts, sft_warm_start, summarize_scores
 from .toy import build_char_tokenizer, build_tiny_causal_lm
 
 __all__ = ["DemoConfig", "PRESETS", "run_demo", "check_demo_args", "parse_schedule", "DEFAULT_METHODS", "DEMO_MARKER"]
@@ -295,13 +296,15 @@ def check_demo_args(
     seed: int = 0,
     preset: str | DemoConfig = "default",
     overwrite: bool = False,
+    seeds: int = 1,
 ) -> tuple[DemoConfig, list[tuple[str, str, str | None]]]:
     """Check every argument of :func:`run_demo` without doing any work (no model, no file).
 
     Returns the config and the runs ``(name, method, schedule spec)``. Raises ``ValueError``
     naming the bad argument and the fix: unknown preset/method, a method that needs options
     (``weights``), a method listed twice, a schedule that does not parse or does not fit the
-    suite's tasks, a seed outside ``[0, 2**32)``, a CUDA preset without CUDA, ``out`` that is a
+    suite's tasks, a seed outside ``[0, 2**32)`` (``seed + seeds - 1`` included), fewer than one
+    seed, a CUDA preset without CUDA, ``out`` that is a
     file, or a non-empty ``out`` without ``overwrite`` (or, with it, one that is not a demo's
     output).
     """
@@ -316,6 +319,10 @@ def check_demo_args(
         cfg = dataclasses.replace(cfg, grpo_steps=steps)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r} (numpy and the HF Trainer reject others)")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer (the number of RL seeds per method), got {seeds!r}")
+    if seed + seeds - 1 >= 2**32:
+        raise ValueError(f"seeds {seed}..{seed + seeds - 1} run past 2**32 - 1; lower --seed or --seeds")
     methods = list(methods)
     if not methods and schedule is None:
         raise ValueError("nothing to run: give at least one method or a schedule")
@@ -379,6 +386,7 @@ def run_demo(
     progress: bool = True,
     report: bool = True,
     overwrite: bool = False,
+    seeds: int = 1,
 ) -> Path:
     """Run the demo; returns the path of ``OUT/report.md`` (or of ``OUT`` when ``report=False``).
 
@@ -393,6 +401,11 @@ def run_demo(
             with ``method="sum"`` and that schedule, named ``sum+<spec>``.
         steps: GRPO optimizer steps per run (default: the preset's).
         seed: seeds data, model initialisation, warm start, generation and PCGrad's order.
+        seeds: RL seeds per method (``seed``, ``seed + 1``, …): every method is trained once per
+            seed from the same warm start and evaluated on the same held-out prompts, so the
+            report compares methods paired by seed and prompt, with confidence intervals
+            (``docs/significance.md``). Run folders: ``OUT/<run>`` for the first seed,
+            ``OUT/<run>.seed<s>`` for the others.
         preset: ``"quick"``, ``"default"``, ``"gpu"`` or a :class:`DemoConfig`.
         progress: show a tqdm progress bar (stderr).
         report: write the report after the runs.
@@ -401,7 +414,7 @@ def run_demo(
 
     Raises ``ValueError`` (see :func:`check_demo_args`) before any work on a bad argument.
     """
-    cfg, runs = check_demo_args(out, methods, schedule, steps, seed, preset, overwrite)
+    cfg, runs = check_demo_args(out, methods, schedule, steps, seed, preset, overwrite, seeds)
     out = Path(out)
     stage = _staging(out)
     if stage.exists():
@@ -418,7 +431,7 @@ def run_demo(
     if cfg.device == "cpu" and cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
     try:
-        run_dirs = _run_all(cfg, runs, stage, seed, preset, progress)
+        run_dirs = _run_all(cfg, runs, stage, seed, preset, progress, seeds)
         if report:
             from ..analysis import load_runs, write_report
 
@@ -452,8 +465,10 @@ def _replace(stage: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path, seed: int, preset: Any, progress: bool) -> list[Path]:
-    """Warm start, evaluate, then one GRPO run per entry of ``runs``; returns the run folders."""
+def _run_all(
+    cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path, seed: int, preset: Any, progress: bool, seeds: int = 1
+) -> list[Path]:
+    """Warm start, evaluate, then one GRPO run per entry of ``runs`` and RL seed; returns the run folders."""
     from tqdm.auto import tqdm
 
     from ..integrations.trl import BalancedConfig, BalancedGRPOTrainer
@@ -469,7 +484,7 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d parameters; %d train / %d eval rows; device %s", n_params, len(train), len(evalset), device)
 
-    total = cfg.sft_steps + cfg.grpo_steps * len(runs)
+    total = cfg.sft_steps + cfg.grpo_steps * len(runs) * seeds
     bar = tqdm(total=total, desc="warm start (SFT)", unit="step", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     sft_losses = sft_warm_start(
@@ -483,7 +498,11 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
         progress=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)),
     )
     sft_seconds = time.perf_counter() - t0
-    before = evaluate(model, tok, evalset)
+    prompts: dict[str, list[str]] = {}
+    for i in range(len(evalset)):
+        prompts.setdefault(evalset[i]["task"], []).append(evalset[i]["prompt"])
+    before_scores = score_prompts(model, tok, evalset)
+    before = summarize_scores(before_scores)
     before_rec = {"step": 0, "phase": "before", **before}
     logger.info("after warm start (%.1f s): %s", sft_seconds, {k: round(v, 3) for k, v in before.items() if "accuracy" in k})
     warm_state = copy.deepcopy(model.state_dict())
@@ -491,11 +510,11 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
     progress_cb = _Progress(bar)
 
     run_dirs = []
-    for name, method, sched in runs:
-        run_dir = out / name
+    for name, method, sched, run_seed in [(*run, seed + k) for k in range(seeds) for run in runs]:
+        run_dir = out / (name if run_seed == seed else f"{name}.seed{run_seed}")
         run_dir.mkdir(parents=True)
         (run_dir / INCOMPLETE_MARKER).write_text("balancedmix demo: this run has not finished\n", encoding="utf-8")
-        bar.set_description(f"GRPO {name}")
+        bar.set_description(f"GRPO {name}" + (f" seed {run_seed}" if seeds > 1 else ""))
         if sched:
             mixture = parse_schedule(sched)  # a fresh (unbound) schedule per run
         elif cfg.stratified:
@@ -504,11 +523,11 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
             mixture = None
         model.load_state_dict(warm_state)
         model.train()
-        torch.manual_seed(seed)
+        torch.manual_seed(run_seed)
         trainer = BalancedGRPOTrainer(
             model=model,
             reward_funcs=rewards,
-            args=_grpo_args(cfg, run_dir, cfg.grpo_steps, seed),
+            args=_grpo_args(cfg, run_dir, cfg.grpo_steps, run_seed),
             train_dataset=train,
             processing_class=tok,
             balanced=BalancedConfig(
@@ -518,7 +537,7 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
                 estimator="split",
                 schedule=mixture,
                 log_dir=str(run_dir),
-                seed=seed,
+                seed=run_seed,
             ),
         )
         from transformers.trainer_callback import PrinterCallback
@@ -529,7 +548,9 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
         t0 = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - t0
-        after = evaluate(model, tok, evalset)
+        after_scores = score_prompts(model, tok, evalset)
+        after = summarize_scores(after_scores)
+        write_eval_scores(run_dir, prompts, after_scores, before_scores)
         with open(run_dir / "eval.jsonl", "w", encoding="utf-8") as fh:
             fh.write(json.dumps(before_rec) + "\n")
             fh.write(json.dumps({"step": int(trainer.state.global_step), "phase": "after", **after}) + "\n")
@@ -537,7 +558,8 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
             "name": name,
             "method": method,
             "schedule": sched or ("fixed equal (stratified)" if cfg.stratified else None),
-            "seed": seed,
+            "seed": run_seed,
+            "warm_start_seed": seed,
             "preset": preset if isinstance(preset, str) else "custom",
             "steps": int(trainer.state.global_step),
             "train_seconds": train_seconds,
