@@ -752,7 +752,9 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_plots(runs: Sequence[Run], out: str | os.PathLike[str], gain_window: int | None = None) -> dict[str, Path]:
+def write_plots(
+    runs: Sequence[Run], out: str | os.PathLike[str], gain_window: int | None = None, seed_runs: Sequence[Run] | None = None
+) -> dict[str, Path]:
     """Write the report's PNGs into ``out``; returns ``{figure name: path}``.
 
     Figures: ``grad_norms`` (per-task ‖g‖ over steps, raw solid, noise-corrected dashed),
@@ -761,7 +763,8 @@ def write_plots(runs: Sequence[Run], out: str | os.PathLike[str], gain_window: i
     window of steps), ``paper_gain`` (the paper's central plot for the baseline run: per-task
     ‖g‖² over training beside the windowed reward gain ``Gain(t)`` with window ``gain_window``
     steps, default :func:`default_gain_window`), ``accuracy`` (final held-out accuracy per task
-    and run, when evaluated).
+    and run, when evaluated; with ``seed_runs`` — every seed's run, grouped by ``run.json`` name —
+    bars are means over seeds and dots the seeds).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -861,8 +864,8 @@ def write_plots(runs: Sequence[Run], out: str | os.PathLike[str], gain_window: i
     fig, axes = _figure(2, width=4.6)
     w = max(1, len(base.steps) // 15)
     for t in base.tasks:
-        g2 = base.series(f"grad_norm/{t}") ** 2
-        axes[0].plot(base.steps, rolling_mean(g2, w), color=colors[t], lw=1.5, label=f"{t} raw")
+        g2 = rolling_mean(base.series(f"grad_norm/{t}") ** 2, w)
+        axes[0].plot(base.steps, np.where(g2 > 0, g2, np.nan), color=colors[t], lw=1.5, label=f"{t} raw")  # log axis
         u = base.series(f"grad_sqnorm_unbiased/{t}")
         if np.isfinite(u).any():
             um = rolling_mean(u, w)
@@ -887,16 +890,29 @@ def write_plots(runs: Sequence[Run], out: str | os.PathLike[str], gain_window: i
         vals = [before.get(t, np.nan) for t in tasks]
         ax.bar(x[:-1] - 0.4 + width / 2, vals, width, color="lightgrey", label="before RL")
         for i, run in enumerate(runs):
-            acc = eval_accuracy(run, "after")
-            vals = [acc.get(t, np.nan) for t in tasks]
-            fin = [v for v in vals if math.isfinite(v)]
-            vals.append(float(np.mean(fin)) if fin else np.nan)
-            ax.bar(x - 0.4 + width * (i + 1.5), vals, width, color=_COLORS[i % len(_COLORS)], label=run.name)
+            # every seed of this run's name: bars at the mean over seeds, one dot per seed
+            per_seed = []
+            for other in seed_runs or [run]:
+                if _run_key(other) == _run_key(run):
+                    acc = eval_accuracy(other, "after")
+                    row = [acc.get(t, np.nan) for t in tasks]
+                    fin = [v for v in row if math.isfinite(v)]
+                    per_seed.append(row + [float(np.mean(fin)) if fin else np.nan])
+            grid = np.array(per_seed, dtype=np.float64)
+            with np.errstate(invalid="ignore"):
+                vals = np.nanmean(grid, axis=0) if np.isfinite(grid).any() else grid[0]
+            xs = x - 0.4 + width * (i + 1.5)
+            color = _COLORS[i % len(_COLORS)]
+            label = _run_key(run) + (f" (mean of {len(grid)} seeds)" if len(grid) > 1 else "")
+            ax.bar(xs, vals, width, color=color, label=label)
+            if len(grid) > 1:
+                for row in grid:
+                    ax.scatter(xs, row, s=9, color="black", zorder=3, linewidths=0)
         ax.set_xticks(x, tasks + ["mean"])
         ax.set_ylim(0, 1)
         ax.set_ylabel("held-out exact-match accuracy")
-        ax.set_title("final held-out accuracy per task", fontsize=9)
-        _legend(ax, fontsize=7)
+        ax.set_title("final held-out accuracy per task" + (" (dots: seeds)" if seed_runs and len(seed_runs) > len(runs) else ""), fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         paths["accuracy"] = _save(fig, out / "accuracy.png")
     return paths
 
@@ -1118,7 +1134,7 @@ def write_report(
     base_key = _run_key(_baseline(runs))
     seeds = len({r.meta.get("seed") for r in all_runs if _run_key(r) == base_key})
     verdicts, decision_rows = _decision(all_runs, base_key)
-    plots = write_plots(runs, out, gain_window=gain_window)
+    plots = write_plots(runs, out, gain_window=gain_window, seed_runs=all_runs)
 
     def img(name: str, alt: str) -> str:
         return f"![{alt}]({plots[name].name})\n" if name in plots else ""
