@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .logger import read_jsonl
+from .tasks import RESERVED_TASK_NAMES
 
 __all__ = [
     "Run",
@@ -92,7 +93,7 @@ _NUMERIC_PREFIXES = (
     "noise_scale/",
     "eval/",
 )
-_NOT_TASKS = {"total", "update", "untagged"}
+_NOT_TASKS = RESERVED_TASK_NAMES  # grad_norm/total, /update, /untagged are not tasks
 
 
 # ---------------------------------------------------------------------------------------- loading
