@@ -119,25 +119,30 @@ class BalancedOptimizer(torch.optim.Optimizer):
     """Wrap ``optimizer``; attribute every backward to a task; correct the update at ``step()``.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, fused/foreach variants...).
-            Its ``param_groups``, ``state``, ``defaults`` are shared, so LR schedulers, accelerate
-            and the HF Trainer use the wrapper unchanged.
+        optimizer: a ``torch.optim.Optimizer`` that reads dense gradients from ``p.grad`` (every
+            ``torch.optim`` optimizer but ``SparseAdam``, which is refused; ``LBFGS`` through
+            ``step(closure)``; see ``docs/optimizers.md``). Its parameters must be materialised
+            (meta-device parameters are refused). Its ``param_groups``, ``state``, ``defaults``
+            are shared, so LR schedulers, accelerate and the HF Trainer use the wrapper unchanged.
         task_key: how :meth:`task` finds a batch's task — a key/column name (default ``"task"``)
             or a callable ``batch -> label(s)``.
         method: a registered method name (``"sum"``, ``"mean"``, ``"normalize"``, ``"pcgrad"``...)
             or a callable ``(gram [K,K] float64, MethodContext) -> coefficients [K]``.
-        tasks: the task names, declared up front (fixed indices; an unknown label is an error).
-            ``None`` grows the list in order of first sight (single process only).
+        tasks: the task names, declared up front as a list (fixed indices; an unknown label is an
+            error). ``None`` grows the list in order of first sight (single process only). A name
+            is non-empty, has no ``/`` and is not ``total``, ``update`` or ``untagged`` (metric
+            keys, see ``docs/diagnostics.md``).
         estimator: ``"raw"`` (one buffer per task) or ``"split"`` (two buffers per task, alternate
             micro-batches, for the unbiased squared-norm and noise-scale estimates).
-        seed: seeds the generator handed to methods (PCGrad's random task order).
+        seed: an integer in ``[-2**63, 2**64)``; seeds the generator handed to methods (PCGrad's
+            random task order).
         nonfinite: what to do when a task's gradient holds NaN/Inf — ``"error"`` (raise
             :class:`NonFiniteGradientError`; parameters and optimizer state untouched),
-            ``"skip_task"`` (drop the task from this step's update), ``"skip_step"`` (no update,
-            gradients cleared).
+            ``"skip_task"`` (drop the task from this step's update; no step at all when no task
+            is finite), ``"skip_step"`` (no update, gradients cleared).
         mismatch_tol: tolerance on ``1 - cos²(p.grad, Σ captured)`` before ``step()`` raises
             :class:`GradientMismatchError` (p.grad changed by something other than a uniform
-            rescale, or stale buffers).
+            rescale, a forgotten ``zero_grad()``, or stale buffers); a finite number in ``[0, 1)``.
         on_step: optional callback receiving :meth:`diagnostics` after every step.
         sync: multi-process DDP only (see ``docs/distributed.md``) — ``"ddp"``: DDP all-reduced
             ``p.grad`` (the last micro-step ran with sync on, as in accelerate's
@@ -831,8 +836,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
         ``cos/<a>/<b>``, ``grad_norm/total`` (norm of the plain summed gradient, pre-clip),
         ``grad_norm/update`` (norm of the gradient handed to the inner optimizer),
         ``grad_scale`` (uniform rescale detected on p.grad, 1.0 without clipping),
-        ``num_microbatches/<task>``, ``buffer_bytes``, ``step``. Tasks absent from the step have
-        only ``num_microbatches/<task> = 0``.
+        ``num_microbatches/<task>``, ``buffer_bytes``, ``step``; when they apply,
+        ``nonfinite/<task>`` and ``step_skipped`` (NaN/Inf policies), ``untagged_only`` (every
+        gradient was captured outside :meth:`task`: nothing measured per task, nothing
+        corrected) and ``closure_evaluations`` (``step(closure)``). Tasks absent from the step
+        have only ``num_microbatches/<task> = 0``.
         """
         return dict(self._diagnostics)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from balancedmix import BalancedOptimizer, GradientMismatchError
+from balancedmix import BalancedOptimizer, GradientMismatchError, NonFiniteGradientError
 from balancedmix.analysis import load_run
 from balancedmix import tasks as tasks_module
 from balancedmix.tasks import TaskError, TaskRegistry, resolve_task, task_labels
@@ -292,6 +292,38 @@ def test_sgd_closure_is_evaluated_once_and_corrected():
     opt_ref.step(_closure(opt_ref, ref, x, [0], weights={"a": 3.0, "b": 1.0}))
     for p, q in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def _nan_on_second_evaluation(opt, model, x, count):
+    def closure():
+        count[0] += 1
+        opt.zero_grad()
+        total = 0.0
+        for t in TASKS:
+            xt = torch.full_like(x[t], float("nan")) if (t == "b" and count[0] == 2) else x[t]
+            with opt.task(t):
+                loss = model.loss(t, xt)
+                loss.backward()
+            total = total + loss.detach()
+        return total
+
+    return closure
+
+
+def test_lbfgs_nonfinite_at_a_later_evaluation_follows_the_policy():
+    model = Net(11)
+    x = data(11)
+    opt = BalancedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), nonfinite="error")
+    with pytest.raises(NonFiniteGradientError, match="'b'"):
+        opt.step(_nan_on_second_evaluation(opt, model, x, [0]))
+    model = Net(11)
+    opt = BalancedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), nonfinite="skip_step")
+    count = [0]
+    opt.step(_nan_on_second_evaluation(opt, model, x, count))
+    assert count[0] == 2  # a zero gradient ends LBFGS's step
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.diagnostics()["closure_evaluations"] == 2
+    assert "nonfinite/b" not in opt.diagnostics()  # the figures are the first evaluation's
 
 
 # ---------------------------------------------------------------------------------- item 16
