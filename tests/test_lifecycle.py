@@ -422,3 +422,13 @@ def test_meta_device_parameters_are_refused_at_construction():
         model = Net()
     with pytest.raises(ValueError, match=r"meta.*to_empty"):
         BalancedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("tasks, error", [("math", TypeError), (["math", "total"], TaskError), (["a/b"], TaskError)])
+def test_trainer_config_checks_the_task_list(tasks, error):
+    pytest.importorskip("trl")
+    from balancedmix.integrations.trl import BalancedConfig
+
+    with pytest.raises(error, match="tasks|task name"):
+        BalancedConfig(tasks=tasks)
+    assert BalancedConfig(tasks=("a", "b")).tasks == ["a", "b"]
