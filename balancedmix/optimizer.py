@@ -490,8 +490,15 @@ class BalancedOptimizer(torch.optim.Optimizer):
             if any(p.grad is not None for p in self._params) and self.method_name != "sum":
                 raise GradientMismatchError(
                     "step() found gradients in p.grad but no backward was captured since the last step; "
-                    "gradients computed before the BalancedOptimizer was created (or written by hand) cannot be "
-                    f"corrected by method {self.method_name!r}. Call zero_grad() first."
+                    + (
+                        "p.grad most likely still holds the previous step's gradient (zero_grad() was not called "
+                        "after it). "
+                        if self._grad_left is not None
+                        else ""
+                    )
+                    + "Gradients from before the last step, from before the BalancedOptimizer was created or "
+                    f"written by hand cannot be corrected by method {self.method_name!r}. Call zero_grad() after "
+                    "every step() and before the first backward."
                 )
             return True
         n = len(buf.keys)
@@ -576,7 +583,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             "this warning is shown once."
         )
         logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=4)
+        warnings.warn(message, UserWarning, stacklevel=5)  # the caller of step() (past no_grad)
 
     def _mismatch_message(self, cos2: float, grad_sq: float, total_dot: float, total_sq: float) -> str:
         """Why ``p.grad`` is not a uniform rescale of the captured total ``C``: the likely cause first.

@@ -432,3 +432,15 @@ def test_trainer_config_checks_the_task_list(tasks, error):
     with pytest.raises(error, match="tasks|task name"):
         BalancedConfig(tasks=tasks)
     assert BalancedConfig(tasks=("a", "b")).tasks == ["a", "b"]
+
+
+def test_a_step_without_backward_after_a_forgotten_zero_grad_names_it():
+    model = Net(12)
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="mean")
+    with opt.task("a"):
+        model.loss("a", data(12)["a"]).backward()
+    opt.step()
+    with pytest.raises(GradientMismatchError, match=r"previous step's gradient \(zero_grad\(\) was not called"):
+        opt.step()
+    opt.zero_grad()
+    opt.step()  # nothing captured, nothing in p.grad: a no-op step
