@@ -441,6 +441,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 evaluate, calls = self._inner_closure(closure, loss)
                 self.optimizer.step(evaluate)
                 self._diagnostics["closure_evaluations"] = float(max(calls[0], 1))
+        elif closure is not None:
+            self._diagnostics["closure_evaluations"] = 1.0
         self.num_steps += 1
         for post_hook in list(self._optimizer_step_post_hooks.values()):
             post_hook(self, (), {})

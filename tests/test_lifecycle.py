@@ -444,3 +444,16 @@ def test_a_step_without_backward_after_a_forgotten_zero_grad_names_it():
         opt.step()
     opt.zero_grad()
     opt.step()  # nothing captured, nothing in p.grad: a no-op step
+
+
+def test_a_skipped_closure_step_does_not_call_the_inner_optimizer():
+    model = Net(13)
+    inner = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    opt = BalancedOptimizer(inner, nonfinite="skip_step")
+    params = [p.detach().clone() for p in model.parameters()]
+    count = [0]
+    nan_x = {t: torch.full((5, 4), float("nan")) for t in TASKS}
+    opt.step(_closure(opt, model, nan_x, count))
+    assert count[0] == 1 and inner.state_dict()["state"] == {}  # LBFGS never ran (no func_evals, no history)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert opt.diagnostics()["step_skipped"] == 1.0 and opt.diagnostics()["closure_evaluations"] == 1.0
