@@ -213,7 +213,7 @@ class TaskRegistry:
                 f"tasks must be an ordered sequence of task names, got a {type(tasks).__name__} {tasks!r}: its order "
                 "(the task indices) changes between processes; pass a list, e.g. sorted(...)"
             )
-        for name in tasks or ():
+        for name in () if tasks is None else tasks:
             if not isinstance(name, str):
                 raise TaskError(f"declared task {name!r} is not a str")
             check_task_name(name)

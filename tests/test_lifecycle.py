@@ -457,3 +457,11 @@ def test_a_skipped_closure_step_does_not_call_the_inner_optimizer():
     assert count[0] == 1 and inner.state_dict()["state"] == {}  # LBFGS never ran (no func_evals, no history)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
     assert opt.diagnostics()["step_skipped"] == 1.0 and opt.diagnostics()["closure_evaluations"] == 1.0
+
+
+def test_tasks_may_be_a_numpy_array_of_names():
+    """``tasks=df["task"].unique()`` is a numpy array: its truth value is ambiguous, its items are numpy strings."""
+    reg = TaskRegistry(np.array(["math", "code"], dtype=object))
+    assert reg.names == ("math", "code") and all(type(n) is str for n in reg.names)
+    reg = TaskRegistry(np.array(["math", "code"]))
+    assert reg.names == ("math", "code") and all(type(n) is str for n in reg.names)
