@@ -12,6 +12,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from balancedmix import BalancedOptimizer, GradientMismatchError, NonFiniteGradientError
 from balancedmix.analysis import load_run
@@ -250,16 +252,19 @@ def test_lbfgs_diagnostics_describe_the_starting_point():
         assert d[f"num_microbatches/{t}"] == 1.0
 
 
-def test_lbfgs_with_weights_equals_lbfgs_on_the_weighted_loss():
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), wa=st.floats(0.1, 4.0), wb=st.floats(0.1, 4.0))
+def test_lbfgs_with_weights_equals_lbfgs_on_the_weighted_loss(seed, wa, wb):
     """Coefficients are decided at the first evaluation and kept for the step's later ones, so a
-    fixed-weights correction is exactly LBFGS on ``Σ w_t L_t``."""
-    w = {"a": 2.0, "b": 0.25}
-    plain, wrapped = Net(5), Net(5)
-    kw = dict(lr=0.3, max_iter=5, history_size=3)
+    fixed-weights correction is LBFGS on ``Σ w_t L_t`` (without line search, which would read the
+    closure's unweighted loss)."""
+    w = {"a": wa, "b": wb}
+    plain, wrapped = Net(seed), Net(seed)
+    kw = dict(lr=0.3, max_iter=5, history_size=3, line_search_fn=None)
     opt_plain = torch.optim.LBFGS(plain.parameters(), **kw)
     opt = BalancedOptimizer(torch.optim.LBFGS(wrapped.parameters(), **kw), method="weights", weights=w)
     for s in range(2):
-        x = data(10 + s)
+        x = data(seed * 7 + s)
         opt_plain.step(_closure(opt_plain, plain, x, [0], weights=w))
         opt.step(_closure(opt, wrapped, x, [0]))
     for p, q in zip(plain.parameters(), wrapped.parameters()):
@@ -365,16 +370,21 @@ def test_optimizer_table_in_the_docs_lists_every_torch_optimizer():
 
 
 # ---------------------------------------------------------------------------------- item 18
-def test_forgotten_zero_grad_is_named_as_the_cause():
-    model = Net(9)
-    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="mean")
-    x = data(9)
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 1000), method=st.sampled_from(["sum", "mean", "normalize", "pcgrad"]), clip=st.booleans())
+def test_forgotten_zero_grad_is_named_as_the_cause(seed, method, clip):
+    model = Net(seed)
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method=method)
+    x = data(seed)
     for t in TASKS:
         with opt.task(t):
             model.loss(t, x[t]).backward()
+    if clip:  # the step left a clipped (and, for method != sum, corrected) gradient in p.grad
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5 * float(norm))
     opt.step()  # no zero_grad() after it
     with opt.task("a"):
-        model.loss("a", x["a"]).backward()
+        model.loss("a", data(seed + 1)["a"]).backward()
     with pytest.raises(GradientMismatchError, match=r"zero_grad\(\) was not called after the previous step"):
         opt.step()
 
