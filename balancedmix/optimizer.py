@@ -24,6 +24,7 @@ detected scale, ``U`` the untagged part — before calling the inner step. With 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import numbers
@@ -871,6 +872,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         sd = dict(state_dict)
         own = sd.pop("balancedmix", None)
+        if own is not None:  # check the wrapper's part first: a mismatch must leave the inner state as it was
+            copy.deepcopy(self.registry).load_state_dict(own["tasks"])
+            if own.get("method") is not None and hasattr(self.method, "load_state_dict"):
+                copy.deepcopy(self.method).load_state_dict(own["method"])
         self.optimizer.load_state_dict(sd)
         if own is None:
             logger.warning("loading a state dict without balancedmix state: task registry and step count kept")

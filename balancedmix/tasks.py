@@ -272,6 +272,10 @@ class TaskRegistry:
             raise TaskError(f"saved task list {names} differs from the declared tasks {self._names}")
         if self.declared and names[: len(self._names)] != self._names:
             raise TaskError(f"saved task list {names} does not start with the declared tasks {self._names}")
+        for name in names:  # all checked before anything changes
+            check_task_name(name)
+        if len(set(names)) != len(names):
+            raise TaskError(f"saved task list {names} names a task twice")
         self._names = []
         self._index = {}
         for name in names:

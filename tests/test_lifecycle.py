@@ -475,3 +475,27 @@ def test_tasks_may_be_a_numpy_array_of_names():
     assert reg.names == ("math", "code") and all(type(n) is str for n in reg.names)
     reg = TaskRegistry(np.array(["math", "code"]))
     assert reg.names == ("math", "code") and all(type(n) is str for n in reg.names)
+
+
+def test_loading_a_state_dict_with_other_tasks_leaves_everything_as_it_was():
+    model = Net(14)
+    opt = BalancedOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), tasks=["a", "b"])
+    with opt.task("a"):
+        model.loss("a", data(14)["a"]).backward()
+    opt.step()
+    before = copy.deepcopy(opt.optimizer.state_dict())
+    other = BalancedOptimizer(torch.optim.Adam(Net(15).parameters(), lr=0.5), tasks=["a", "c"])
+    with pytest.raises(TaskError, match="differs from the declared tasks"):
+        opt.load_state_dict(other.state_dict())
+    after = opt.optimizer.state_dict()
+    assert after["param_groups"][0]["lr"] == 0.1
+    assert all(torch.equal(after["state"][i]["exp_avg"], before["state"][i]["exp_avg"]) for i in before["state"])
+    assert opt.registry.names == ("a", "b")
+
+
+def test_a_saved_task_list_with_a_reserved_name_is_refused_whole():
+    reg = TaskRegistry()
+    reg.index("x")
+    with pytest.raises(TaskError, match="'total' is reserved"):
+        reg.load_state_dict({"names": ["a", "total"], "declared": False})
+    assert reg.names == ("x",)
