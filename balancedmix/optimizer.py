@@ -870,6 +870,14 @@ class BalancedOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Load a :meth:`state_dict`: the inner optimizer's state, then the task registry, step
+        count, generator and method state.
+
+        Raises :class:`~balancedmix.tasks.TaskError` (saved task list differs from the declared
+        one, or holds an invalid name) or the method's error for its state before anything is
+        changed, the inner optimizer included. A state dict without the ``"balancedmix"`` entry
+        (a plain optimizer's) loads the inner state only, with a warning.
+        """
         sd = dict(state_dict)
         own = sd.pop("balancedmix", None)
         if own is not None:  # check the wrapper's part first: a mismatch must leave the inner state as it was
