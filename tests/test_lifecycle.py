@@ -1,13 +1,14 @@
 """Optimizer lifecycle edge cases (issue 14, items 9-12, 15, 16, 18): untagged-only steps, reserved
 task names, all tasks non-finite, constructor validation, closures (LBFGS), supported optimizers,
-stale gradients, numpy task ids, a string as the task list, meta-device parameters."""
+stale gradients, numpy task ids, a string as the task list, meta-device parameters, state dicts
+that do not fit. Each test failed before its fix unless it says it guards documented behaviour."""
 
 from __future__ import annotations
 
 import copy
 import inspect
-import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancedmix import BalancedOptimizer, GradientMismatchError, NonFiniteGradientError
-from balancedmix.analysis import load_run
 from balancedmix import tasks as tasks_module
+from balancedmix.analysis import load_run
 from balancedmix.tasks import TaskError, TaskRegistry, resolve_task, task_labels
 
 TASKS = ["a", "b"]
@@ -57,8 +58,6 @@ def test_backward_after_the_task_block_warns_once_and_says_so():
     assert d["untagged_only"] == 1.0
     assert d["update_share/untagged"] == 1.0
     opt.zero_grad()
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per optimizer, not every step
         model.loss("a", x["a"]).backward()
@@ -112,6 +111,7 @@ def test_sampler_rejects_a_task_name_with_a_slash():
 
 
 def test_report_reader_uses_the_same_reserved_names(tmp_path):
+    """Guard: the report reads the reserved names from the same constant."""
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 0, "grad_norm/a": 1.0, "grad_norm/total": 2.0, "grad_norm/update": 2.0, "grad_norm/untagged": 0.5}\n'
     )
@@ -287,6 +287,7 @@ def test_closure_method_runs_once_per_step():
 
 
 def test_sgd_closure_is_evaluated_once_and_corrected():
+    """Guard: an optimizer that evaluates the closure once gets the wrapper's evaluation back."""
     model, ref = Net(7), Net(7)
     x = data(7)
     opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="weights", weights={"a": 3.0, "b": 1.0})
@@ -342,6 +343,7 @@ def _torch_optimizers() -> list[str]:
 
 @pytest.mark.parametrize("name", _torch_optimizers())
 def test_every_torch_optimizer_is_supported_or_refused_at_construction(name):
+    """The rows of docs/optimizers.md (supported rows guard behaviour; SparseAdam and LBFGS failed)."""
     cls = getattr(torch.optim, name)
     plain, wrapped = Net(8, bias=False), Net(8, bias=False)  # 2-D weights only (Muon)
     if name == "SparseAdam":
