@@ -501,3 +501,36 @@ def test_a_saved_task_list_with_a_reserved_name_is_refused_whole():
     with pytest.raises(TaskError, match="'total' is reserved"):
         reg.load_state_dict({"names": ["a", "total"], "declared": False})
     assert reg.names == ("x",)
+
+
+def test_lbfgs_later_evaluations_are_corrected_with_the_first_coefficients():
+    """p.grad after an LBFGS step is the last evaluation's corrected gradient: ``c_a G_a + 1 · G_b``
+    for a task ``b`` that first appears after the first evaluation (documented: c = 1)."""
+    model = Net(16)
+    x = data(16)
+    opt = BalancedOptimizer(
+        torch.optim.LBFGS(model.parameters(), lr=0.2, max_iter=3), method="weights", weights={"a": 2.0, "b": 3.0}
+    )
+    count = [0]
+
+    def closure():
+        count[0] += 1
+        opt.zero_grad()
+        total = 0.0
+        for t in TASKS if count[0] > 1 else ["a"]:
+            with opt.task(t):
+                loss = model.loss(t, x[t])
+                loss.backward()
+            total = total + loss.detach()
+        return total
+
+    opt.step(closure)
+    assert count[0] == 3 and opt.diagnostics()["coef/a"] == 2.0 and "coef/b" not in opt.diagnostics()
+    got = flat(p.grad for p in model.parameters())
+    ref = copy.deepcopy(model)
+    want = []
+    for t, c in (("a", 2.0), ("b", 1.0)):
+        ref.zero_grad(set_to_none=False)
+        ref.loss(t, x[t]).backward()
+        want.append(c * flat(torch.zeros_like(p) if p.grad is None else p.grad for p in ref.parameters()))
+    torch.testing.assert_close(got, want[0] + want[1])
