@@ -313,7 +313,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def task(self, batch_or_name: Any) -> Iterator[str]:
         """Attribute every backward inside the block to one task.
 
-        ``batch_or_name`` is a task name or a batch (resolved with ``task_key``; a batch mixing
+        ``batch_or_name`` is a task name, a task index (``int``, ``numpy.int64``, a one-element
+        tensor; with a key ``task_key``) or a batch (resolved with ``task_key``; a batch mixing
         tasks raises :class:`~balancedmix.tasks.MixedTaskBatchError` — use :meth:`backward`).
         Each block counts as one micro-batch of that task. Yields the task name.
 

@@ -105,6 +105,13 @@ def _is_array(value: Any) -> bool:
     return type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "tolist")
 
 
+def _is_scalar_index(value: Any) -> bool:
+    """A single integer (Python, numpy, or a one-element integer tensor/array), not a batch."""
+    if isinstance(value, torch.Tensor) or _is_array(value):
+        return value.numel() == 1 if isinstance(value, torch.Tensor) else value.size == 1
+    return _integer(value) is not None
+
+
 def _integer(value: Any) -> int | None:
     """``value`` as an ``int`` if it is an integer type (``int``, ``numpy.int64``, ...), else ``None``."""
     if isinstance(value, (bool, float, complex)) or isinstance(value, str):
@@ -169,7 +176,9 @@ def task_labels(batch: Any, task_key: TaskKey, registry: TaskRegistry | None = N
 
 
 def resolve_task(batch_or_name: Any, task_key: TaskKey, registry: TaskRegistry | None = None) -> str:
-    """The single task of ``batch_or_name``: a task name (``str``) is returned as is.
+    """The single task of ``batch_or_name``: a task name (``str``) is returned as is; an integer
+    (``int``, ``numpy.int64``, a one-element integer tensor) is a task index of ``registry``
+    when one is given, unless ``task_key`` is a callable (which then receives it as the batch).
 
     Raises:
         MixedTaskBatchError: the batch holds samples of several tasks, naming them and their
@@ -177,6 +186,8 @@ def resolve_task(batch_or_name: Any, task_key: TaskKey, registry: TaskRegistry |
     """
     if isinstance(batch_or_name, str):
         return str(batch_or_name)
+    if registry is not None and not callable(task_key) and _is_scalar_index(batch_or_name):
+        return _as_name(batch_or_name, registry)
     labels = task_labels(batch_or_name, task_key, registry)
     first = labels[0]
     if any(label != first for label in labels):

@@ -534,3 +534,17 @@ def test_lbfgs_later_evaluations_are_corrected_with_the_first_coefficients():
         ref.loss(t, x[t]).backward()
         want.append(c * flat(torch.zeros_like(p) if p.grad is None else p.grad for p in ref.parameters()))
     torch.testing.assert_close(got, want[0] + want[1])
+
+
+def test_a_task_index_names_the_task_block():
+    model = Net()
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a", "b"])
+    for index in (1, np.int64(1), torch.tensor(1), np.array([1])):
+        with opt.task(index) as name:
+            assert name == "b"
+    with pytest.raises(TaskError, match="out of range"):
+        with opt.task(np.int64(2)):
+            pass
+    with pytest.raises(TaskError, match="bool"):
+        with opt.task(True):
+            pass
