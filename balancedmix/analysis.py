@@ -44,6 +44,7 @@ import numpy as np
 from .comparison import load_scores
 from .logger import scan_jsonl
 from .significance import windowed_gain
+from .tasks import RESERVED_TASK_NAMES
 
 __all__ = [
     "Run",
@@ -98,7 +99,7 @@ _NUMERIC_PREFIXES = (
     "noise_scale/",
     "eval/",
 )
-_NOT_TASKS = {"total", "update", "untagged"}
+_NOT_TASKS = RESERVED_TASK_NAMES  # grad_norm/total, /update, /untagged are not tasks
 
 #: a file of this name in a run folder marks a run that has not finished (the demo writes it
 #: when a run starts and removes it when the run is complete); the report flags such runs

@@ -207,7 +207,7 @@ class BalancedConfig:
         if not (isinstance(self.task_key, str) or callable(self.task_key)):
             raise TypeError(f"BalancedConfig.task_key must be a column name or a callable, got {self.task_key!r}")
         if self.tasks is not None:
-            self.tasks = list(self.tasks)
+            self.tasks = list(TaskRegistry(self.tasks).names)  # a str, a set or a reserved name: a clear error now
         self.method_options = dict(self.method_options)
 
 
