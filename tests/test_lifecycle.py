@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from balancedmix import BalancedOptimizer, GradientMismatchError, NonFiniteGradientError
@@ -254,6 +254,7 @@ def test_lbfgs_diagnostics_describe_the_starting_point():
 
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 1000), wa=st.floats(0.1, 4.0), wb=st.floats(0.1, 4.0))
+@example(seed=195, wa=0.1015625, wb=0.125)
 def test_lbfgs_with_weights_equals_lbfgs_on_the_weighted_loss(seed, wa, wb):
     """Coefficients are decided at the first evaluation and kept for the step's later ones, so a
     fixed-weights correction is LBFGS on ``Σ w_t L_t`` (without line search, which would read the
@@ -267,8 +268,10 @@ def test_lbfgs_with_weights_equals_lbfgs_on_the_weighted_loss(seed, wa, wb):
         x = data(seed * 7 + s)
         opt_plain.step(_closure(opt_plain, plain, x, [0], weights=w))
         opt.step(_closure(opt, wrapped, x, [0]))
+    # float32: Σ w_t ∇L_t and ∇(Σ w_t L_t) round differently; over 2 × 5 LBFGS iterations that
+    # reaches ~2e-6 (seed=195, wa=0.1015625, wb=0.125); a wrong coefficient moves parameters by ≫1e-3.
     for p, q in zip(plain.parameters(), wrapped.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_closure_method_runs_once_per_step():
