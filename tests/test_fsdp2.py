@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import math
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,3 +330,102 @@ def test_accelerate_fsdp2_accumulate_without_sync_is_refused() -> None:
     r0, r1 = run_ranks(_accelerate_fsdp2_worker, td.WORLD, "sum", True, timeout=td.TIMEOUT)
     assert "error" in r0 and r0["error"] == r1["error"]
     assert "sync_each_batch" in r0["error"]
+
+
+# ----------------------------------------------------------------------------- BalancedGRPOTrainer, GRPOConfig(fsdp=..., fsdp_version 2)
+def _force_fsdp2_in_trainer() -> None:
+    """TESTS ONLY: make the HF Trainer's ``Accelerator(fsdp_plugin=...)`` really use FSDP2 on CPU (see
+    :func:`_accelerator_fsdp2`). Called in the forked rank processes, never in the pytest process."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = Accelerator.__init__
+
+    def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None:
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.state.distributed_type = DistributedType.FSDP
+            self.state.fsdp_plugin = plugin
+
+    Accelerator.__init__ = init
+
+
+def _trl_fsdp2_worker(rank: int, world: int, balanced: bool, method: str, out: str, overrides: dict) -> dict:
+    import test_trl as tt
+    from trl import GRPOTrainer
+
+    from balancedmix.integrations.trl import BalancedGRPOTrainer
+
+    _force_fsdp2_in_trainer()
+    tok = tt.build_char_tokenizer()
+    kwargs = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2}, **overrides)
+    if balanced:
+        kwargs.update(method=method, log_dir=out + "/logs")
+    init = [p.detach().clone() for p in tt.build_tiny_causal_lm(tok, hidden_size=32, num_layers=2, seed=0).parameters()]
+    trainer = tt.make_trainer(BalancedGRPOTrainer if balanced else GRPOTrainer, tok, Path(out), **kwargs)
+    trainer.train()
+    params = td.params_of(trainer.model_wrapped if hasattr(trainer, "model_wrapped") else trainer.model)
+    moved = float(sum((p - q).abs().sum() for p, q in zip(params, init)))
+    opt = getattr(trainer, "balanced_optimizer", None)
+    return {
+        "params": params,
+        "moved": moved,
+        "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
+        "metrics": trainer.last_balanced_metrics if balanced else None,
+        "kind": opt.distributed.kind if opt is not None else None,
+        "history": [{k: v for k, v in h.items() if k.startswith(("grad_norm", "update_share", "num_microbatches", "coef"))} for h in trainer.state.log_history],
+    }
+
+
+def _run_trl(tmp_path: Path, balanced: bool, method: str = "sum", **overrides) -> list[dict]:
+    # SGD: Adam's g/sqrt(v) would amplify the float32 rounding differences between the two runs
+    overrides = dict(optim="sgd", **overrides)
+    return run_ranks(_trl_fsdp2_worker, td.WORLD, balanced, method, str(tmp_path), overrides, timeout=240)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_grpo_trainer_fsdp2_sum_matches_plain_trainer(tmp_path: Path) -> None:
+    """Today: the trainer treats the run as DDP and puts every micro-step under no_sync, which under FSDP2
+    switches the reduce-scatter off: grad_norm 0, parameters never change, exit code 0.
+
+    Now: the run trains like plain ``GRPOTrainer`` on the same batches. Not bit for bit: balancedmix makes
+    FSDP2 reduce-scatter every micro-step (the plain Trainer defers it to the last one) and splits a
+    micro-batch mixing tasks into per-task backwards, so float32 sums run in another order — atol 1e-6
+    on parameters after 3 SGD steps (values ~0.1–1). Mixed micro-batches differ across ranks here
+    (2 prompts of random tasks per micro-batch), which exercises the rank-aligned task blocks."""
+    plain = _run_trl(tmp_path / "plain", balanced=False)
+    bal = _run_trl(tmp_path / "bal", balanced=True)
+    for res in bal:
+        assert res["kind"] == "fsdp2"
+        assert all(g > 0 for g in res["grad_norms"]) and res["moved"] > 0
+        for p, q in zip(res["params"], plain[0]["params"]):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        # attribution is complete: the tasks' summed gradient has the norm the Trainer clipped and logged
+        steps = [h for h in res["history"] if "grad_norm/total" in h]
+        assert len(steps) == 3
+        for h in steps:
+            assert math.isclose(h["grad_norm/total"], h["grad_norm"], rel_tol=1e-5)
+            present = [t for t in ("add", "copy", "rev") if f"grad_norm/{t}" in h]
+            assert present and math.isclose(sum(h[f"update_share/{t}"] for t in present), 1.0, abs_tol=1e-6)
+    assert bal[0]["history"] == bal[1]["history"]
+    assert all(torch.equal(p, q) for p, q in zip(bal[0]["params"], bal[1]["params"]))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["normalize", "pcgrad"])
+def test_grpo_trainer_fsdp2_corrects(tmp_path: Path, method: str) -> None:
+    """The correction runs under FSDP2 through the Trainer: ranks agree on every figure and parameter,
+    the coefficients are not all 1, and the attribution is complete (see the ``sum`` test)."""
+    res = _run_trl(tmp_path, balanced=True, method=method)
+    assert res[0]["history"] == res[1]["history"]
+    assert all(torch.equal(p, q) for p, q in zip(res[0]["params"], res[1]["params"]))
+    steps = [h for h in res[0]["history"] if "grad_norm/total" in h]
+    assert len(steps) == 3 and res[0]["moved"] > 0
+    for h in steps:
+        assert math.isclose(h["grad_norm/total"], h["grad_norm"], rel_tol=1e-5)
+    assert any(h[k] != 1.0 for h in steps for k in h if k.startswith("coef/"))
