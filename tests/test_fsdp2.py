@@ -263,10 +263,17 @@ def _accelerator_fsdp2(**kwargs):
     return acc
 
 
-def _accelerate_fsdp2_worker(rank: int, world: int, method: str, accumulate: bool) -> dict:
+def _accelerate_fsdp2_worker(rank: int, world: int, method: str, accumulate: bool, sync_each_batch: bool = False) -> dict:
+    from accelerate.utils import GradientAccumulationPlugin
+
     from balancedmix.distributed import DistributedStateError
 
-    acc = _accelerator_fsdp2(gradient_accumulation_steps=td.M if accumulate else 1)
+    if accumulate:
+        acc = _accelerator_fsdp2(
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=td.M, sync_each_batch=sync_each_batch)
+        )
+    else:
+        acc = _accelerator_fsdp2()
     # the plain engine run: the same loop without balancedmix
     plain_base = td.make_model()
     plain_model, plain_opt = acc.prepare(plain_base, torch.optim.SGD(plain_base.parameters(), lr=0.1))
@@ -278,9 +285,9 @@ def _accelerate_fsdp2_worker(rank: int, world: int, method: str, accumulate: boo
     for step in range(td.STEPS):
         for i, task in enumerate(td.FSDP_SCHEDULE):
             xy = td.batch(step, rank, i, task)
-            if accumulate:  # the usual accelerate loop: no reduce-scatter before the last micro-step
+            if accumulate:  # the usual accelerate loop: no reduce-scatter before the last micro-step (unless sync_each_batch)
                 with acc.accumulate(pmodel), bal.task(task):
-                    acc.backward(td.loss_fn(pmodel, xy))
+                    acc.backward(td.loss_fn(pmodel, xy))  # accelerate divides by num_steps
             else:  # FSDP2 synced at every micro-step
                 with bal.task(task):
                     acc.backward(td.loss_fn(pmodel, xy) / td.M)
@@ -300,6 +307,7 @@ def _accelerate_fsdp2_worker(rank: int, world: int, method: str, accumulate: boo
         "built_as": built_as,
         "kind": bal.distributed.kind,
         "dtensor": all(hasattr(p, "to_local") for p in bal._params),
+        "local_numel": sum(p.to_local().numel() for p in bal._params),
     }
 
 
@@ -319,7 +327,27 @@ def test_accelerate_fsdp2_plain_loop(method: str) -> None:
         if method == "sum":
             for p, q in zip(res["params"], res["plain"]):
                 assert torch.equal(p, q)  # bit-identical to the plain FSDP2 run
+        # the per-rank costs stated in docs/distributed.md: buffers of the local shard, P-independent collectives
+        rows = len(td.TASKS) + 1
+        last = res["diags"][-1]
+        assert last["buffer_bytes"] == rows * max(r["local_numel"] for r in results) * 4
+        assert last["comm_bytes"] == 8 * (rows * rows + 3 * rows + td.WORLD + 7)
+    assert results[0]["local_numel"] + results[1]["local_numel"] == sum(p.numel() for p in td.make_model().parameters())
     assert results[0]["diags"] == results[1]["diags"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_accelerate_fsdp2_accumulate_with_sync_each_batch() -> None:
+    """``accelerator.accumulate()`` with ``GradientAccumulationPlugin(sync_each_batch=True)`` (the documented way to keep
+    accelerate's accumulation under FSDP2) equals the single-process run."""
+    results = run_ranks(_accelerate_fsdp2_worker, td.WORLD, "normalize", True, True, timeout=td.TIMEOUT)
+    want_diags, want_params = td.reference("normalize", schedule={r: td.FSDP_SCHEDULE for r in range(td.WORLD)})
+    for res in results:
+        assert "error" not in res, res.get("error")
+        for got, want in zip(res["diags"], want_diags):
+            td.assert_diag_equal(got, want)
+        td.assert_params_equal(res["params"], want_params)
 
 
 @pytest.mark.slow
