@@ -145,8 +145,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
             ``accumulate()``); ``"buffers"``: every micro-step ran under ``no_sync``, so ``p.grad``
             is local and is rebuilt from the all-reduced task buffers (cheaper: one collective);
             ``"auto"`` (default): told apart at each step by comparing ``p.grad`` across ranks.
-            The setting (single process, DDP, FSDP2) is detected when the wrapper is built; a
-            multi-process run needs ``tasks`` declared.
+            The setting (single process, DDP, FSDP2) is detected when the wrapper is built, and
+            again when the optimizer's trainable parameters change between steps (accelerate's
+            ``prepare`` under FSDP2, staged unfreezing, a new group): the hooks follow them
+            (:class:`ParametersChangedError` if they change mid-step). A multi-process run needs
+            ``tasks`` declared. One wrapper per parameter: a new one replaces an older one.
         **method_options: passed to the registered method's factory.
     """
 
