@@ -252,6 +252,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
             ParametersChangedError: gradients of the current step were already captured; the
                 inner optimizer is left unchanged (add the group after ``step()``/``zero_grad()``).
         """
+        if self._replaced_by is not None:
+            raise ParametersChangedError(self._replaced_by)
         if self._pending():
             raise ParametersChangedError(
                 "add_param_group in the middle of a step (gradients captured, step() not called yet): the new group "
@@ -355,7 +357,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         dist = detect_distributed(unique, self.optimizer, self._sync_mode)
         # a live wrapper already hooking one of these parameters is replaced (its hooks removed)
         for old in {id(o): o for p in unique if (o := _owner_of(p)) is not None and o is not self}.values():
-            if old._replaced_by is None and old._param_ids & seen:
+            if old._replaced_by is None:
                 old._detach(
                     "this BalancedOptimizer was replaced by a newer BalancedOptimizer built on the same parameters; "
                     "its hooks were removed. Use the new wrapper (or call remove_hooks() on an old one before "
@@ -382,10 +384,6 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def _detach(self, reason: str) -> None:
         self.remove_hooks()
         self._replaced_by = reason
-        for p in self._params:
-            entry = _OWNERS.get(id(p))
-            if entry is not None and entry[1]() is self:
-                _OWNERS.pop(id(p), None)
 
     def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
@@ -407,6 +405,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()  # in place: the finalizer holds this list
+        for p in self._params:  # the parameters are free for another wrapper (no replacement warning)
+            entry = _OWNERS.get(id(p))
+            if entry is not None and entry[1]() is self:
+                del _OWNERS[id(p)]
 
     def _row_for(self, key: tuple) -> int:
         """Row of ``key``; a new row may move others (canonical order): re-key the row counts."""

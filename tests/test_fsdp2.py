@@ -213,6 +213,27 @@ def test_a_replaced_wrapper_refuses_to_work() -> None:
     assert diag["grad_norm/a"] > 0
 
 
+def test_a_replaced_wrapper_cannot_take_the_parameters_back() -> None:
+    model = Net(0)
+    old = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS)
+    new = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS)
+    with pytest.raises(ParametersChangedError, match="newer BalancedOptimizer"):
+        old.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+    assert len(old.param_groups) == 1
+    assert run_step(model, new, 0)["grad_norm/b"] > 0
+
+
+def test_after_remove_hooks_a_new_wrapper_takes_over_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    model = Net(0)
+    old = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS)
+    old.remove_hooks()
+    with caplog.at_level("WARNING", logger="balancedmix.optimizer"):
+        new = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS)
+    assert not [r for r in caplog.records if "replaced" in r.getMessage()]
+    assert all(_n_hooks(p) == 1 for p in model.parameters())
+    assert run_step(model, new, 0)["grad_norm/a"] > 0
+
+
 def test_wrappers_on_disjoint_parameters_coexist() -> None:
     model = Net(0)
     o1 = BalancedOptimizer(torch.optim.SGD(model.trunk.parameters(), lr=0.1), tasks=TASKS)
