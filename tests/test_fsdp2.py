@@ -261,8 +261,15 @@ def test_dropping_the_wrapper_removes_its_hooks() -> None:
 # ranks at every micro-step). Tolerance rtol 1e-5 / atol 1e-6 on diagnostics and parameters: float32
 # gradients summed in another order (the reduce-scatter's mean of two ranks vs one process summing
 # both ranks' micro-batches); `sum` is compared bit for bit with the same loop without balancedmix.
+import importlib.util  # noqa: E402
+
 import test_distributed as td  # noqa: E402
 from dist_harness import run_ranks  # noqa: E402
+
+if importlib.util.find_spec("accelerate") is not None:
+    import accelerate  # noqa: F401,E402 - imported in the pytest process so the forked ranks inherit it
+if importlib.util.find_spec("trl") is not None:
+    import test_trl  # noqa: F401,E402 - the same for trl/transformers (seconds per rank otherwise)
 
 
 def _accelerator_fsdp2(**kwargs):
@@ -338,6 +345,7 @@ def _accelerate_fsdp2_worker(rank: int, world: int, method: str, accumulate: boo
 def test_accelerate_fsdp2_plain_loop(method: str) -> None:
     """Optimizer built before ``accelerator.prepare(model, opt)``: today the hooks stay on the unsharded
     tensors and the run trains without diagnostics or correction, silently."""
+    pytest.importorskip("accelerate")
     results = run_ranks(_accelerate_fsdp2_worker, td.WORLD, method, False, timeout=td.TIMEOUT)
     want_diags, want_params = td.reference(method, schedule={r: td.FSDP_SCHEDULE for r in range(td.WORLD)})
     for res in results:
@@ -362,6 +370,7 @@ def test_accelerate_fsdp2_plain_loop(method: str) -> None:
 def test_accelerate_fsdp2_accumulate_with_sync_each_batch() -> None:
     """``accelerator.accumulate()`` with ``GradientAccumulationPlugin(sync_each_batch=True)`` (the documented way to keep
     accelerate's accumulation under FSDP2) equals the single-process run."""
+    pytest.importorskip("accelerate")
     results = run_ranks(_accelerate_fsdp2_worker, td.WORLD, "normalize", True, True, timeout=td.TIMEOUT)
     want_diags, want_params = td.reference("normalize", schedule={r: td.FSDP_SCHEDULE for r in range(td.WORLD)})
     for res in results:
@@ -376,6 +385,7 @@ def test_accelerate_fsdp2_accumulate_with_sync_each_batch() -> None:
 def test_accelerate_fsdp2_accumulate_without_sync_is_refused() -> None:
     """``accelerator.accumulate()`` turns FSDP2's reduce-scatter off on non-final micro-steps: every
     gradient would reach p.grad in the last task's block. Refused on every rank, nothing updated."""
+    pytest.importorskip("accelerate")
     r0, r1 = run_ranks(_accelerate_fsdp2_worker, td.WORLD, "sum", True, timeout=td.TIMEOUT)
     assert "error" in r0 and r0["error"] == r1["error"]
     assert "sync_each_batch" in r0["error"]
@@ -450,6 +460,7 @@ def test_grpo_trainer_fsdp2_sum_matches_plain_trainer(tmp_path: Path) -> None:
     micro-batch mixing tasks into per-task backwards, so float32 sums run in another order — atol 1e-6
     on parameters after 3 SGD steps (values ~0.1–1). Mixed micro-batches differ across ranks here
     (2 prompts of random tasks per micro-batch), which exercises the rank-aligned task blocks."""
+    pytest.importorskip("trl")
     plain = _run_trl(tmp_path / "plain", balanced=False)
     bal = _run_trl(tmp_path / "bal", balanced=True)
     for res in bal:
@@ -476,6 +487,7 @@ def test_grpo_trainer_fsdp2_sum_matches_plain_trainer(tmp_path: Path) -> None:
 def test_grpo_trainer_fsdp2_corrects(tmp_path: Path, method: str) -> None:
     """The correction runs under FSDP2 through the Trainer: ranks agree on every figure and parameter,
     the coefficients are not all 1, and the attribution is complete (see the ``sum`` test)."""
+    pytest.importorskip("trl")
     res = _run_trl(tmp_path, balanced=True, method=method)
     assert res[0]["history"] == res[1]["history"]
     assert all(torch.equal(p, q) for p, q in zip(res[0]["params"], res[1]["params"]))
@@ -509,6 +521,7 @@ def _yaml_example_worker(rank: int, world: int, env: dict, argv: list[str]) -> d
 def test_accelerate_fsdp2_yaml_example(tmp_path: Path) -> None:
     """``examples/accelerate_fsdp2.yaml`` + ``examples/grpo_multitask.py --gpu``: the environment
     ``accelerate launch`` derives from the file, in 2 gloo processes (on CPU, with the test-only switch)."""
+    pytest.importorskip("trl")
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
