@@ -451,7 +451,8 @@ def _run_trl(tmp_path: Path, balanced: bool, method: str = "sum", **overrides) -
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_grpo_trainer_fsdp2_sum_matches_plain_trainer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rows", [8, 4], ids=["mixed-microbatches", "one-group-microbatches"])
+def test_grpo_trainer_fsdp2_sum_matches_plain_trainer(tmp_path: Path, rows: int) -> None:
     """Today: the trainer treats the run as DDP and puts every micro-step under no_sync, which under FSDP2
     switches the reduce-scatter off: grad_norm 0, parameters never change, exit code 0.
 
@@ -459,13 +460,14 @@ def test_grpo_trainer_fsdp2_sum_matches_plain_trainer(tmp_path: Path) -> None:
     FSDP2 reduce-scatter every micro-step (the plain Trainer defers it to the last one) and splits a
     micro-batch mixing tasks into per-task backwards, so float32 sums run in another order — atol 1e-6
     on parameters after 3 SGD steps (values ~0.1–1). Mixed micro-batches differ across ranks here
-    (2 prompts of random tasks per micro-batch), which exercises the rank-aligned task blocks."""
+    (2 prompts of random tasks per micro-batch), which exercises the rank-aligned task blocks; with one
+    GRPO group per micro-batch each is single-task but the ranks' tasks differ at a micro-step."""
     pytest.importorskip("trl")
-    plain = _run_trl(tmp_path / "plain", balanced=False)
-    bal = _run_trl(tmp_path / "bal", balanced=True)
+    plain = _run_trl(tmp_path / "plain", balanced=False, per_device_train_batch_size=rows)
+    bal = _run_trl(tmp_path / "bal", balanced=True, per_device_train_batch_size=rows)
     for res in bal:
+        assert all(g > 0 for g in res["grad_norms"]) and res["moved"] > 0, (res["grad_norms"], res["moved"])
         assert res["kind"] == "fsdp2"
-        assert all(g > 0 for g in res["grad_norms"]) and res["moved"] > 0
         for p, q in zip(res["params"], plain[0]["params"]):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
         # attribution is complete: the tasks' summed gradient has the norm the Trainer clipped and logged
