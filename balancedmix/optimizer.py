@@ -347,6 +347,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
         A ``closure`` is evaluated first (with grad enabled); its backward counts as untagged
         unless it opens :meth:`task` blocks itself.
         """
+        if self._dist.engine_driven:
+            # DeepSpeed ZeRO calls the inner optimizer through this wrapper once per parameter group;
+            # the balancing already ran in the pre-step hook on ZeRO's step() (see distributed/deepspeed.py)
+            return self.optimizer.step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -365,6 +369,37 @@ class BalancedOptimizer(torch.optim.Optimizer):
         if self.on_step is not None:
             self.on_step(dict(self._diagnostics))
         return loss
+
+    @torch.no_grad()
+    def _balance_for_engine(self) -> bool:
+        """Everything ``step()`` does except the inner step, for an engine that runs the inner step itself.
+
+        Called by the engine strategy's pre-step hook (DeepSpeed ZeRO) with ``p.grad`` of the
+        wrapper's parameters (the rank's gradient partitions) set to the gradients the engine is
+        about to apply; the correction is written into them. Returns whether the step should run.
+        """
+        try:
+            run_inner = self._prepare_step()
+        finally:
+            self._reset()
+        self.num_steps += 1
+        if self.on_step is not None:
+            self.on_step(dict(self._diagnostics))
+        return run_inner
+
+    def _rebind(self, strategy: SyncStrategy) -> None:
+        """Switch to ``strategy`` and re-install on the optimizer's current parameters (an engine swapped them).
+
+        Called by an engine's ``attach`` (DeepSpeed ZeRO replaces ``param_groups`` by flat partitions)
+        before any gradient is captured.
+        """
+        if self._microbatches or self.buffers.used:
+            raise RuntimeError("cannot re-bind the BalancedOptimizer in the middle of a step (gradients captured)")
+        self.remove_hooks()
+        self._dist = strategy
+        self._params = []
+        self.buffers = None  # type: ignore[assignment]
+        self._install(self._trainable(self.optimizer.param_groups))
 
     def _prepare_step(self) -> bool:
         """Everything before the inner step. Returns whether to run the inner step."""

@@ -207,8 +207,11 @@ class SyncStrategy:
     defers_task_errors = False
     #: bytes of the last partial-dot-product all-reduce (FSDP2)
     stats_bytes = 0
-    #: how the last step was synchronised: "single", "ddp", "buffers" or "fsdp2"
+    #: how the last step was synchronised: "single", "ddp", "buffers", "fsdp2", "zero1", "zero2"
     last_mode = "single"
+    #: the engine runs the inner optimizer step itself, after a pre-step hook that calls
+    #: ``BalancedOptimizer._balance_for_engine()`` (DeepSpeed ZeRO-1/2); ``step()`` then only forwards
+    engine_driven = False
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """The rank-local plain tensor behind a parameter or gradient (identity outside FSDP2)."""

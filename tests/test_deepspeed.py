@@ -1,0 +1,180 @@
+"""DeepSpeed ZeRO-1/2: 2 CPU processes (gloo) against the plain engine and a single-process run.
+
+Each test starts 2 ranks with ``tests/dist_harness.py`` (fork); each rank builds several engines in
+turn (``deepspeed.initialize`` reuses the harness's gloo group), so one 2-process run covers the
+plain engine and several methods. References are computed in the pytest process, which never
+creates a process group: a single-process ``BalancedOptimizer`` (no DeepSpeed) fed both ranks'
+micro-batches, each loss divided by ``GA * world`` (DeepSpeed divides by the accumulation steps
+and averages the ranks).
+
+Tolerances: ``method="sum"`` is compared bitwise with the plain engine (balancedmix writes back
+the same values); against the single-process run, diagnostics match to rtol 1e-5 / atol 1e-6 (float32 gradients
+summed in a different order: per-rank, then DeepSpeed's reduce), parameters after 2 AdamW steps to
+1e-5 (AdamW divides by ``sqrt(v) + eps``, ``eps = 1e-3`` here so that an element whose gradient is
+~0 cannot turn a 1e-8 summation difference into an O(lr) update difference).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'balancedmix[deepspeed]' with DS_BUILD_OPS=0)")
+
+from balancedmix import BalancedOptimizer, available_methods  # noqa: E402
+from balancedmix.distributed import DistributedStateError, SingleProcess, UnsupportedDistributedError  # noqa: E402
+from dist_harness import run_ranks  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+TASKS = ["a", "b", "c"]
+WORLD = 2
+GA = 3  # micro-steps per optimizer step (DeepSpeed's gradient_accumulation_steps)
+STEPS = 2
+LR, EPS = 0.05, 1e-3
+TIMEOUT = 120.0
+RTOL, ATOL = 1e-5, 1e-6
+# ZeRO-2 reduces every micro-step: the same task on every rank at each micro-step
+ALIGNED = {0: ["a", "b", "a"], 1: ["a", "b", "a"]}
+# ZeRO-1 captures local gradients: ranks may differ ("b" only on rank 0, "c" only on rank 1)
+UNALIGNED = {0: ["a", "a", "b"], 1: ["c", "c", "a"]}
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def batch(step: int, rank: int, micro: int, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + 100 * rank + micro)
+    shift = {"a": 0.0, "b": 2.0, "c": -3.0}[task]
+    x = torch.randn(4, 6, generator=g)
+    y = torch.randn(4, 3, generator=g) * (1.0 + abs(shift)) + shift
+    return x, y
+
+
+def loss_fn(model: nn.Module, xy: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = xy
+    return ((model(x) - y) ** 2).mean()
+
+
+def ds_config(stage: int, **zero: object) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": GA,
+        "zero_optimization": {"stage": stage, **zero},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default, after balancedmix's hook
+    }
+
+
+def reference(method: str, schedule: dict[int, list[str]]) -> tuple[list[dict], list[torch.Tensor]]:
+    """Single process, no DeepSpeed: every rank's micro-batches, each loss / (GA * world)."""
+    model = make_model()
+    opt = BalancedOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS), tasks=TASKS, method=method)
+    assert isinstance(opt.distributed, SingleProcess)
+    diags = []
+    for step in range(STEPS):
+        for rank in range(WORLD):
+            for i, task in enumerate(schedule[rank]):
+                with opt.task(task):
+                    (loss_fn(model, batch(step, rank, i, task)) / (GA * WORLD)).backward()
+        opt.step()
+        opt.zero_grad()
+        diags.append(opt.diagnostics())
+    return diags, [p.detach().clone() for p in model.parameters()]
+
+
+COMPARED = ("grad_norm/", "update_share/", "coef/", "cos/", "num_microbatches/")
+COMPARED_EXACT = ("grad_norm/total", "grad_norm/update", "grad_scale")
+
+
+def assert_diag_equal(got: dict, want: dict) -> None:
+    keys = [k for k in want if k.startswith(COMPARED) or k in COMPARED_EXACT]
+    assert keys, "nothing to compare"
+    for k in keys:
+        assert k in got, f"missing diagnostic {k}"
+        assert math.isclose(got[k], want[k], rel_tol=RTOL, abs_tol=ATOL), f"{k}: deepspeed {got[k]} vs single {want[k]}"
+    extra = {k for k in got if k.startswith(COMPARED)} - set(keys)
+    assert not extra, f"diagnostics only in the DeepSpeed run: {extra}"
+
+
+# ----------------------------------------------------------------------------- workers (run in the ranks)
+def _train(rank: int, stage: int, method: str | None, schedule: dict[int, list[str]], in_block: bool = False, **zero: object) -> dict:
+    """One engine: ``method=None`` is the plain DeepSpeed run (torch AdamW, no balancedmix)."""
+    from balancedmix.distributed.deepspeed import attach
+
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
+    opt = None if method is None else BalancedOptimizer(inner, tasks=TASKS, method=method)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt or inner, config=ds_config(stage, **zero))
+    if opt is not None:
+        assert attach(engine) is opt
+    diags, modes = [], []
+    for step in range(STEPS):
+        for i, task in enumerate(schedule[rank]):
+            xy = batch(step, rank, i, task)
+            if opt is None:
+                engine.backward(loss_fn(engine, xy))
+                engine.step()
+            elif in_block:  # accelerate: engine.step() runs inside accelerator.backward, inside the task block
+                with opt.task(task):
+                    engine.backward(loss_fn(engine, xy))
+                    engine.step()
+            else:
+                with opt.task(task):
+                    engine.backward(loss_fn(engine, xy))
+                engine.step()
+        if opt is not None:
+            diags.append(opt.diagnostics())
+            modes.append(opt.distributed.last_mode)
+    params = [p.detach().clone() for p in model.parameters()]
+    out = {"params": params, "diags": diags, "modes": modes}
+    if opt is not None:
+        out["buffer_numel"] = opt.buffers.data.shape[1]
+        out["partition_numel"] = sum(int(n) for n in engine.optimizer.partition_size)
+    return out
+
+
+def _stage_worker(rank: int, world: int, stage: int, methods: list[str], schedule: dict[int, list[str]]) -> dict:
+    deepspeed.init_distributed("gloo")
+    out = {"plain": _train(rank, stage, None, schedule)}
+    for method in methods:
+        out[method] = _train(rank, stage, method, schedule)
+    out["normalize-in-block"] = _train(rank, stage, "normalize", schedule, in_block=True)
+    return out
+
+
+@pytest.mark.parametrize("stage,schedule", [(1, UNALIGNED), (2, ALIGNED)], ids=["zero1", "zero2"])
+def test_zero_matches_plain_engine_and_single_process(stage: int, schedule: dict[int, list[str]]) -> None:
+    methods = [m for m in ("sum", "normalize", "pcgrad") if m in available_methods()]
+    results = run_ranks(_stage_worker, WORLD, stage, methods, schedule, timeout=TIMEOUT)
+    n_params = sum(p.numel() for p in make_model().parameters())
+    for res in results:
+        # sum: bit-identical to the plain DeepSpeed run
+        for got, want in zip(res["sum"]["params"], res["plain"]["params"]):
+            assert torch.equal(got, want)
+        # every method: per-task figures and parameters equal the single-process run on the global batch
+        for method in methods + ["normalize-in-block"]:
+            want_diags, want_params = reference(method.split("-")[0], schedule)
+            run = res[method]
+            assert run["modes"] == [f"zero{stage}"] * STEPS
+            for got, want in zip(run["diags"], want_diags):
+                assert_diag_equal(got, want)
+            for got, want in zip(run["params"], want_params):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            # sharded cost: the task buffers cover the rank's partition only (P, padded, split in 2)
+            assert run["buffer_numel"] == run["partition_numel"] < n_params
+            assert run["partition_numel"] * WORLD - n_params < 16  # alignment padding only
+        # the correction changed something (normalize is not sum on these tasks)
+        assert not all(torch.equal(a, b) for a, b in zip(res["normalize"]["params"], res["sum"]["params"]))
+    # ranks agree bitwise on every figure
+    for key in methods + ["normalize-in-block"]:
+        assert results[0][key]["diags"] == results[1][key]["diags"]
