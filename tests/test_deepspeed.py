@@ -178,3 +178,65 @@ def test_zero_matches_plain_engine_and_single_process(stage: int, schedule: dict
     # ranks agree bitwise on every figure
     for key in methods + ["normalize-in-block"]:
         assert results[0][key]["diags"] == results[1][key]["diags"]
+
+
+# ----------------------------------------------------------------------------- what is refused, and how
+def _misaligned_worker(rank: int, world: int) -> dict:
+    from balancedmix.distributed.deepspeed import attach
+
+    deepspeed.init_distributed("gloo")
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = BalancedOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS), tasks=TASKS, method="normalize")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))
+    attach(engine)
+    schedule = ["a", "b", "a"] if rank == 0 else ["a", "c", "a"]  # micro-step 1: "b" on rank 0, "c" on rank 1
+    error = None
+    for i, task in enumerate(schedule):
+        with opt.task(task):
+            engine.backward(loss_fn(engine, batch(0, rank, i, task)))
+        try:
+            engine.step()
+        except DistributedStateError as exc:
+            error = str(exc)
+    unchanged = all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    return {"error": error, "unchanged": unchanged}
+
+
+def test_zero2_different_tasks_at_one_micro_step_raise_on_every_rank() -> None:
+    r0, r1 = run_ranks(_misaligned_worker, WORLD, timeout=TIMEOUT)
+    assert r0["error"] is not None and r0["error"] == r1["error"]
+    assert "ZeRO-2" in r0["error"] and "same task" in r0["error"] and "MixtureSampler" in r0["error"]
+    assert r0["unchanged"] and r1["unchanged"]
+
+
+def _refusal_worker(rank: int, world: int) -> dict:
+    from balancedmix.distributed.deepspeed import attach
+
+    deepspeed.init_distributed("gloo")
+    out: dict[str, str] = {}
+    cases = {
+        "offload": (2, {"offload_optimizer": {"device": "cpu"}}, {}, {"zero_force_ds_cpu_optimizer": False}),
+        "skip_step": (2, {}, {"nonfinite": "skip_step"}, {}),
+        "plain_optimizer": (2, {}, None, {}),
+    }
+    for name, (stage, zero, opt_kwargs, extra) in cases.items():
+        model = make_model()
+        inner = torch.optim.AdamW(model.parameters(), lr=LR)
+        opt = inner if opt_kwargs is None else BalancedOptimizer(inner, tasks=TASKS, **opt_kwargs)
+        config = {**ds_config(stage, **zero), **extra}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        try:
+            attach(engine)
+        except (UnsupportedDistributedError, TypeError) as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            out[name] = "attached"
+    return out
+
+
+def test_unsupported_deepspeed_configurations_fail_at_attach_naming_them() -> None:
+    for res in run_ranks(_refusal_worker, WORLD, timeout=TIMEOUT):
+        assert res["offload"].startswith("UnsupportedDistributedError") and "offload" in res["offload"]
+        assert res["skip_step"].startswith("UnsupportedDistributedError") and "skip_step" in res["skip_step"]
+        assert res["plain_optimizer"].startswith("TypeError") and "BalancedOptimizer" in res["plain_optimizer"]
