@@ -387,11 +387,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
             self.on_step(dict(self._diagnostics))
         return run_inner
 
-    def _rebind(self, strategy: SyncStrategy) -> None:
-        """Switch to ``strategy`` and re-install on the optimizer's current parameters (an engine swapped them).
+    def _rebind(self, strategy: SyncStrategy, params: Sequence[torch.Tensor] | None = None) -> None:
+        """Switch to ``strategy`` and re-install on ``params`` (default: the optimizer's current parameters).
 
-        Called by an engine's ``attach`` (DeepSpeed ZeRO replaces ``param_groups`` by flat partitions)
-        before any gradient is captured.
+        Called by an engine's ``attach`` (DeepSpeed ZeRO replaces ``param_groups`` by the rank's
+        flat partitions; ZeRO-3 empties them between steps) before any gradient is captured.
         """
         if self._microbatches or self.buffers.used:
             raise RuntimeError("cannot re-bind the BalancedOptimizer in the middle of a step (gradients captured)")
@@ -399,7 +399,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._dist = strategy
         self._params = []
         self.buffers = None  # type: ignore[assignment]
-        self._install(self._trainable(self.optimizer.param_groups))
+        self._install(list(params) if params is not None else self._trainable(self.optimizer.param_groups))
 
     def _prepare_step(self) -> bool:
         """Everything before the inner step. Returns whether to run the inner step."""

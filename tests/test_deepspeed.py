@@ -65,6 +65,8 @@ def loss_fn(model: nn.Module, xy: tuple[torch.Tensor, torch.Tensor]) -> torch.Te
 
 
 def ds_config(stage: int, **zero: object) -> dict:
+    if stage == 3:
+        zero = {"stage3_param_persistence_threshold": 0, **zero}  # really shard even these tiny parameters
     return {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": GA,
@@ -99,6 +101,7 @@ COMPARED_EXACT = ("grad_norm/total", "grad_norm/update", "grad_scale")
 def assert_diag_equal(got: dict, want: dict) -> None:
     keys = [k for k in want if k.startswith(COMPARED) or k in COMPARED_EXACT]
     assert keys, "nothing to compare"
+    assert got["step"] == want["step"]
     for k in keys:
         assert k in got, f"missing diagnostic {k}"
         assert math.isclose(got[k], want[k], rel_tol=RTOL, abs_tol=ATOL), f"{k}: deepspeed {got[k]} vs single {want[k]}"
@@ -135,11 +138,15 @@ def _train(rank: int, stage: int, method: str | None, schedule: dict[int, list[s
         if opt is not None:
             diags.append(opt.diagnostics())
             modes.append(opt.distributed.last_mode)
-    params = [p.detach().clone() for p in model.parameters()]
+    if stage == 3:  # parameters are partitioned: gather them to compare
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            params = [p.detach().clone() for p in model.parameters()]
+    else:
+        params = [p.detach().clone() for p in model.parameters()]
     out = {"params": params, "diags": diags, "modes": modes}
     if opt is not None:
         out["buffer_numel"] = opt.buffers.data.shape[1]
-        out["partition_numel"] = sum(int(n) for n in engine.optimizer.partition_size)
+        out["partition_numel"] = sum(p.numel() for p in opt.distributed.partitions)
     return out
 
 
@@ -152,7 +159,7 @@ def _stage_worker(rank: int, world: int, stage: int, methods: list[str], schedul
     return out
 
 
-@pytest.mark.parametrize("stage,schedule", [(1, UNALIGNED), (2, ALIGNED)], ids=["zero1", "zero2"])
+@pytest.mark.parametrize("stage,schedule", [(1, UNALIGNED), (2, ALIGNED), (3, ALIGNED)], ids=["zero1", "zero2", "zero3"])
 def test_zero_matches_plain_engine_and_single_process(stage: int, schedule: dict[int, list[str]]) -> None:
     methods = [m for m in ("sum", "normalize", "pcgrad") if m in available_methods()]
     results = run_ranks(_stage_worker, WORLD, stage, methods, schedule, timeout=TIMEOUT)
@@ -181,14 +188,14 @@ def test_zero_matches_plain_engine_and_single_process(stage: int, schedule: dict
 
 
 # ----------------------------------------------------------------------------- what is refused, and how
-def _misaligned_worker(rank: int, world: int) -> dict:
+def _misaligned_worker(rank: int, world: int, stage: int) -> dict:
     from balancedmix.distributed.deepspeed import attach
 
     deepspeed.init_distributed("gloo")
     model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
     opt = BalancedOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS), tasks=TASKS, method="normalize")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
     attach(engine)
     schedule = ["a", "b", "a"] if rank == 0 else ["a", "c", "a"]  # micro-step 1: "b" on rank 0, "c" on rank 1
     error = None
@@ -199,14 +206,19 @@ def _misaligned_worker(rank: int, world: int) -> dict:
             engine.step()
         except DistributedStateError as exc:
             error = str(exc)
-    unchanged = all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            unchanged = all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    else:
+        unchanged = all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
     return {"error": error, "unchanged": unchanged}
 
 
-def test_zero2_different_tasks_at_one_micro_step_raise_on_every_rank() -> None:
-    r0, r1 = run_ranks(_misaligned_worker, WORLD, timeout=TIMEOUT)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero23_different_tasks_at_one_micro_step_raise_on_every_rank(stage: int) -> None:
+    r0, r1 = run_ranks(_misaligned_worker, WORLD, stage, timeout=TIMEOUT)
     assert r0["error"] is not None and r0["error"] == r1["error"]
-    assert "ZeRO-2" in r0["error"] and "same task" in r0["error"] and "MixtureSampler" in r0["error"]
+    assert f"ZeRO-{stage}" in r0["error"] and "same task" in r0["error"] and "MixtureSampler" in r0["error"]
     assert r0["unchanged"] and r1["unchanged"]
 
 

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1 and ZeRO-2: per-task gradients of each rank's gradient partition.
+"""DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3: per-task gradients of each rank's gradient partition.
 
 Use::
 
@@ -37,8 +37,10 @@ Where each stage keeps a micro-step's gradient, and how it is captured:
     one all-reduce of the used rows (divided by the world size, as DeepSpeed averages) gives the
     global per-task gradients, of which the rank keeps its partition. Ranks may run different tasks
     at the same micro-step.
-``ZeRO-2``
-    Every ``engine.backward`` reduces the gradients and accumulates the rank's partition. Each
+``ZeRO-2`` and ``ZeRO-3``
+    Every ``engine.backward`` reduces the gradients and accumulates the rank's partition
+    (ZeRO-2: ``all_grad_tensors``, flattened into ``averaged_gradients`` at the boundary; ZeRO-3:
+    one flat buffer, listed per sub-group in ``averaged_gradients`` after every backward). Each
     ``opt.task()`` block snapshots the partition on entry and adds the difference on exit to a
     buffer of the **partition only** (``[R, P/world]``). A reduced micro-step mixes the ranks, so
     **every rank must run the same task at the same micro-step** (checked at the step; a mismatch
@@ -46,8 +48,9 @@ Where each stage keeps a micro-step's gradient, and how it is captured:
     parameter changes).
 
 Refused with :class:`~balancedmix.distributed.UnsupportedDistributedError` at :func:`attach`
-(before step 1): ZeRO-3, CPU/NVMe offload, fp16 loss scaling, fp32 gradient accumulation
-of bf16 gradients (DeepSpeed's compact partition buffer), parameter padding, ``nonfinite="skip_step"``.
+(before step 1): CPU/NVMe offload, fp16 loss scaling, fp32 gradient accumulation of bf16
+gradients under ZeRO-1/2 (DeepSpeed's compact partition buffer), parameter padding, ZenFlow,
+``nonfinite="skip_step"``.
 DeepSpeed's ``gradient_clipping`` clips the *corrected* gradient (it runs after the hook).
 """
 
@@ -76,7 +79,7 @@ __all__ = ["DeepSpeedSync", "attach", "SUPPORTED_STAGES"]
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_STAGES = (1, 2)
+SUPPORTED_STAGES = (1, 2, 3)
 _DISCARD = -1
 
 
@@ -88,12 +91,18 @@ def _unsupported(engine: Any, zopt: Any, stage: int) -> list[str]:
     """Every reason this engine cannot be balanced (empty: supported)."""
     reasons = []
     if stage not in SUPPORTED_STAGES:
-        reasons.append(f"ZeRO stage {stage} (supported: ZeRO-0 as DDP, ZeRO-1, ZeRO-2)")
+        reasons.append(f"ZeRO stage {stage} (supported: ZeRO-0 as DDP, ZeRO-1, ZeRO-2, ZeRO-3)")
         return reasons
     if getattr(zopt, "cpu_offload", False) or engine.zero_cpu_offload():
         reasons.append("ZeRO offload (offload_optimizer to cpu/nvme)")
     if engine.fp16_enabled():
         reasons.append("fp16 with loss scaling (use bf16 or fp32)")
+    if stage == 3:
+        if getattr(zopt, "offload_optimizer", False) or getattr(zopt, "offload_param", False):
+            reasons.append("ZeRO offload (offload_optimizer / offload_param)")
+        if getattr(zopt, "zenflow", False):
+            reasons.append("ZenFlow")
+        return reasons
     groups = range(len(zopt.bit16_groups))
     if any(zopt._use_compact_grad_partition_buffer(i) for i in groups):
         reasons.append("fp32 gradient accumulation of low-precision gradients (data_types.grad_accum_dtype; DeepSpeed's compact partition buffer)")
@@ -105,7 +114,7 @@ def _unsupported(engine: Any, zopt: Any, stage: int) -> list[str]:
 
 
 class DeepSpeedSync(_Collective):
-    """ZeRO-1/2: per-task buffers of the rank's gradient partition; balancing as a pre-step hook on ZeRO's ``step()``.
+    """ZeRO-1/2/3: per-task buffers of the rank's gradient partition; balancing as a pre-step hook on ZeRO's ``step()``.
 
     Built by :func:`attach`; see the module docstring for what each stage captures.
     """
@@ -124,7 +133,8 @@ class DeepSpeedSync(_Collective):
         self.engine = engine
         self.zopt = zopt
         self.stage = stage
-        self.partitions: list[torch.Tensor] = list(zopt.single_partition_of_fp32_groups)
+        flats = zopt.fp32_partitioned_groups_flat if stage == 3 else zopt.single_partition_of_fp32_groups
+        self.partitions: list[torch.Tensor] = list(flats)
         self._opt: BalancedOptimizer | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._open_row: int | None = None
@@ -184,10 +194,16 @@ class DeepSpeedSync(_Collective):
     def _current_partition(self, i: int) -> torch.Tensor:
         """A copy of the rank's accumulated (reduced, averaged) gradient partition of group ``i`` (flat)."""
         zopt = self.zopt
-        size = int(zopt.partition_size[i])
         part = self.partitions[i]
+        size = part.numel()
         avg = zopt.averaged_gradients.get(i) if isinstance(zopt.averaged_gradients, dict) else None
-        if avg is not None:  # at the boundary: the flat partition, as a list of pieces
+        if self.stage == 3:
+            # ZeRO-3 accumulates every micro-step into one flat buffer; averaged_gradients[i] lists the
+            # sub-group's per-parameter views of it after every backward (None before the first one)
+            if avg is None:
+                return torch.zeros(size, dtype=part.dtype, device=part.device)
+            return torch.cat([t.reshape(-1) for t in avg]).to(part.dtype)
+        if avg is not None:  # ZeRO-1/2 at the boundary: the flat partition, as a list of pieces
             flat = torch.cat([t.reshape(-1) for t in avg]).to(part.dtype)
         else:
             acc = zopt.all_grad_tensors.get(i) if isinstance(zopt.all_grad_tensors, dict) else None
@@ -362,7 +378,7 @@ def attach(engine: Any, optimizer: BalancedOptimizer | None = None) -> BalancedO
 
     Call once, after ``deepspeed.initialize(..., optimizer=BalancedOptimizer(...))`` (or
     ``accelerator.prepare``) and before the first backward. ZeRO-0 needs nothing (it is plain data
-    parallel: the wrapper works as under DDP); ZeRO-1 and ZeRO-2 re-bind the wrapper to the rank's
+    parallel: the wrapper works as under DDP); ZeRO-1, ZeRO-2 and ZeRO-3 re-bind the wrapper to the rank's
     gradient partitions and hook ZeRO's ``step()`` (see the module docstring).
 
     Args:
@@ -376,7 +392,7 @@ def attach(engine: Any, optimizer: BalancedOptimizer | None = None) -> BalancedO
     Raises:
         TypeError: the engine's optimizer is not a ``BalancedOptimizer``.
         UnsupportedDistributedError: a configuration balancedmix cannot balance exactly (named in
-            the message): ZeRO-3, offload, fp16 loss scaling, fp32 accumulation of bf16 gradients,
+            the message): offload, fp16 loss scaling, fp32 accumulation of bf16 gradients,
             ``nonfinite="skip_step"``.
     """
     from ..optimizer import BalancedOptimizer
@@ -408,7 +424,7 @@ def attach(engine: Any, optimizer: BalancedOptimizer | None = None) -> BalancedO
             "balancedmix cannot balance this DeepSpeed configuration: " + "; ".join(reasons) + ". Nothing was changed."
         )
     strategy = DeepSpeedSync(engine, stage)
-    opt._rebind(strategy)
+    opt._rebind(strategy, strategy.partitions)
     strategy.bind(opt)
     logger.info("balancedmix: attached to DeepSpeed ZeRO-%d (rank %d of %d)", stage, strategy.rank, strategy.world_size)
     return opt
