@@ -273,7 +273,18 @@ class BalancedOptimizer(torch.optim.Optimizer):
             self._row_counts[row] = self._row_counts.get(row, 0) + 1
         self._active_row = row
         self._in_context = True
-        self._dist.enter_task(self._params)
+        try:
+            self._dist.enter_task(self._params)
+        except BaseException:  # the strategy refused (DeepSpeed not attached): undo this block's bookkeeping
+            self._active_row = None
+            self._in_context = False
+            if row != _DISCARD:
+                self._microbatches[index] -= 1
+                self._row_counts[row] -= 1
+                for counts, key in ((self._microbatches, index), (self._row_counts, row)):
+                    if counts[key] == 0:
+                        del counts[key]
+            raise
         try:
             yield name
         finally:

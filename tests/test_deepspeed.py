@@ -252,3 +252,57 @@ def test_unsupported_deepspeed_configurations_fail_at_attach_naming_them() -> No
         assert res["offload"].startswith("UnsupportedDistributedError") and "offload" in res["offload"]
         assert res["skip_step"].startswith("UnsupportedDistributedError") and "skip_step" in res["skip_step"]
         assert res["plain_optimizer"].startswith("TypeError") and "BalancedOptimizer" in res["plain_optimizer"]
+
+
+# ----------------------------------------------------------------------------- through accelerate
+def _accelerate_worker(rank: int, world: int, stage: int, methods: list[str], schedule: dict[int, list[str]]) -> dict:
+    """A plain accelerate loop with a DeepSpeedPlugin: the wrapper is built before prepare, attached after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+
+    from balancedmix.distributed.deepspeed import attach
+
+    out = {}
+    for method in methods:
+        AcceleratorState._reset_state(True)
+        acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(stage)), gradient_accumulation_steps=GA)
+        model = make_model()
+        opt = BalancedOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS), tasks=TASKS, method=method)
+        pending = opt.distributed.kind
+        engine, prepared = acc.prepare(model, opt)
+        assert attach(engine) is opt
+        diags = []
+        for step in range(STEPS):
+            for i, task in enumerate(schedule[rank]):
+                with acc.accumulate(engine):
+                    with opt.task(task):  # the engine steps inside accelerator.backward at the boundary
+                        acc.backward(loss_fn(engine, batch(step, rank, i, task)))
+                    prepared.step()
+                    prepared.zero_grad()
+            diags.append(opt.diagnostics())
+        if stage == 3:
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                params = [p.detach().clone() for p in model.parameters()]
+        else:
+            params = [p.detach().clone() for p in model.parameters()]
+        out[method] = {"diags": diags, "params": params, "pending": pending, "mode": opt.distributed.last_mode}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_accelerate_deepspeed_plugin_matches_single_process(stage: int) -> None:
+    schedule = UNALIGNED if stage == 1 else ALIGNED
+    methods = [m for m in ("normalize",) if m in available_methods()]
+    results = run_ranks(_accelerate_worker, WORLD, stage, methods, schedule, timeout=TIMEOUT)
+    for method in methods:
+        want_diags, want_params = reference(method, schedule)
+        for res in results:
+            run = res[method]
+            assert run["pending"] == "deepspeed-pending" and run["mode"] == f"zero{stage}"
+            for got, want in zip(run["diags"], want_diags):
+                assert_diag_equal(got, want)
+            for got, want in zip(run["params"], want_params):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert results[0][method]["diags"] == results[1][method]["diags"]

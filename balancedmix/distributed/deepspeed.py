@@ -75,7 +75,7 @@ from . import (
 if TYPE_CHECKING:  # pragma: no cover
     from ..optimizer import BalancedOptimizer
 
-__all__ = ["DeepSpeedSync", "attach", "SUPPORTED_STAGES"]
+__all__ = ["DeepSpeedSync", "DeepSpeedPending", "attach", "SUPPORTED_STAGES"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,39 @@ def _unsupported(engine: Any, zopt: Any, stage: int) -> list[str]:
     if getattr(zopt, "zenflow", False):
         reasons.append("ZenFlow")
     return reasons
+
+
+class DeepSpeedPending(_Collective):
+    """A wrapper built for DeepSpeed, not yet bound to its engine: every capture or step raises.
+
+    :func:`~balancedmix.distributed.detect` returns it when the wrapper is built for DeepSpeed
+    (accelerate's ``ACCELERATE_USE_DEEPSPEED``, ZeRO-3 parameters, a DeepSpeed inner optimizer).
+    The same error is raised on every rank (the configuration is the same everywhere).
+    """
+
+    kind = "deepspeed-pending"
+    uses_hooks = False
+
+    def __init__(self, rank: int, world_size: int, reason: str) -> None:
+        super().__init__(rank, world_size)
+        self.reason = reason
+
+    def _refuse(self) -> UnsupportedDistributedError:
+        return UnsupportedDistributedError(
+            f"this BalancedOptimizer runs under DeepSpeed ({self.reason}) but is not attached to the engine: call "
+            "balancedmix.distributed.deepspeed.attach(engine) after deepspeed.initialize(optimizer=opt) / "
+            "accelerator.prepare(model, opt), before the first backward. Nothing was changed."
+        )
+
+    def setup(self, buffers: FlatBuffers, num_tasks: int, declared: bool, estimator: str) -> None:
+        if self.world_size > 1:
+            super().setup(buffers, num_tasks, declared, estimator)
+
+    def enter_task(self, params: Sequence[torch.Tensor]) -> None:
+        raise self._refuse()
+
+    def synchronize(self, *args: Any, **kwargs: Any) -> SyncResult:
+        raise self._refuse()
 
 
 class DeepSpeedSync(_Collective):
