@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'balancedmix[deepspeed]' with DS_BUILD_OPS=0)")
 
 from balancedmix import BalancedOptimizer, available_methods  # noqa: E402
@@ -30,8 +31,6 @@ from balancedmix.distributed import DistributedStateError, SingleProcess, Unsupp
 from dist_harness import run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.distributed
-
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 TASKS = ["a", "b", "c"]
 WORLD = 2
@@ -180,6 +179,15 @@ def test_zero_matches_plain_engine_and_single_process(stage: int, schedule: dict
             # sharded cost: the task buffers cover the rank's partition only (P, padded, split in 2)
             assert run["buffer_numel"] == run["partition_numel"] < n_params
             assert run["partition_numel"] * WORLD - n_params < 16  # alignment padding only
+        # measured cost (per rank, last step): rows = 3 tasks + untagged, all allocated up front
+        rows, part = len(TASKS) + 1, res["sum"]["partition_numel"]
+        meta = 1 + 2 * rows + 4 + WORLD  # float64: errors, used rows, counts, schedule hash, buffer bytes per rank
+        stats = rows * rows + rows + 1  # float64: Gram of the rows, dots with the gradient, its squared norm
+        local = rows * n_params * 4 if stage == 1 else 0  # ZeRO-1: local full-model rows
+        span = 3 * n_params * 4 if stage == 1 else 0  # ZeRO-1: all-reduce of the 3 used rows
+        last = res["sum"]["diags"][-1]
+        assert last["buffer_bytes"] == rows * part * 4 + local
+        assert last["comm_bytes"] == (meta + stats) * 8 + span
         # the correction changed something (normalize is not sum on these tasks)
         assert not all(torch.equal(a, b) for a, b in zip(res["normalize"]["params"], res["sum"]["params"]))
     # ranks agree bitwise on every figure
@@ -306,3 +314,40 @@ def test_accelerate_deepspeed_plugin_matches_single_process(stage: int) -> None:
             for got, want in zip(run["params"], want_params):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert results[0][method]["diags"] == results[1][method]["diags"]
+
+
+# ----------------------------------------------------------------------------- the documented example
+def _doc_command() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text().replace("\n", " ")
+    start = text.index("OMP_NUM_THREADS=1 python -m torch.distributed.run")
+    end = text.index("deepspeed_zero2.json", start) + len("deepspeed_zero2.json")
+    return " ".join(text[start:end].split())
+
+
+@pytest.mark.slow
+def test_deepspeed_example_runs_with_documented_command(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dist_harness import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = _doc_command().replace("python -m", f"{sys.executable} -m").replace(
+        "--nproc_per_node 2", f"--nproc_per_node 2 --master_port {free_port()}"
+    )
+    out = tmp_path / "diag.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(root), DS_ACCELERATOR="cpu")
+    proc = subprocess.run(
+        f"{cmd} --steps 2 --jsonl {out}", shell=True, cwd=root, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert out.exists(), f"no log written (rc {proc.returncode})\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2  # rank 0 only, one line per step
+    for rec in records:
+        assert rec["grad_norm/add"] > 0 and rec["grad_norm/rev"] > 0
+        assert math.isclose(rec["update_share/add"] + rec["update_share/rev"], 1.0, abs_tol=1e-5)
+    assert "ranks agree: 2 processes, distributed mode zero2" in proc.stdout, proc.stdout + proc.stderr[-4000:]
