@@ -289,6 +289,34 @@ class DeepSpeedSync(_Collective):
     def exit_task(self, params: Sequence[torch.Tensor], buffers: FlatBuffers, row: int | None) -> None:
         self._capture(buffers)  # a no-op when the pre-step hook already captured this block
 
+    def check_microbatch(self, present: Sequence[int], num_tasks: int) -> None:
+        """Collective check before a micro-batch's backward (trainer path): every rank calls it.
+
+        Every micro-batch must hold one task (a mixed one would need several backwards per
+        micro-step, and each ``accelerator.backward`` steps the engine at the boundary); under
+        ZeRO-2/3 all ranks must hold the same task. One all-reduce of ``K + 1`` float64s; a
+        violation raises the same error on every rank, before any backward of this micro-step.
+        """
+        vec = torch.zeros(num_tasks + 1, dtype=_FP64)
+        if len(present) == 1:
+            vec[1 + int(present[0])] = 1.0
+        else:
+            vec[0] = 1.0
+        device = self.partitions[0].device if self.partitions else torch.device("cpu")
+        vec = self._all_reduce_small(vec, device)
+        if float(vec[0]) > 0:
+            raise UnsupportedDistributedError(
+                f"a micro-batch mixes tasks on {int(vec[0])} rank(s): under DeepSpeed every micro-batch must hold one "
+                "task (make per_device_train_batch_size a multiple of num_generations, or use a mixture schedule "
+                "with whole single-task micro-batches). Parameters were not updated."
+            )
+        if self.stage >= 2 and int((vec[1:] > 0).sum()) > 1:
+            raise DistributedStateError(
+                f"under DeepSpeed ZeRO-{self.stage} every rank must train the same task at the same micro-step (ZeRO "
+                "reduces every micro-step); the ranks' micro-batches hold different tasks. Use ZeRO-1, or a sampler "
+                "that gives every rank the same task per micro-step. Parameters were not updated."
+            )
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def pre_step(self) -> None:
@@ -448,7 +476,14 @@ def attach(engine: Any, optimizer: BalancedOptimizer | None = None) -> BalancedO
     if isinstance(opt.distributed, DeepSpeedSync):
         return opt  # already attached
     if stage == 0:
-        return opt  # plain data parallel: the DDP strategy applies
+        if isinstance(opt.distributed, DeepSpeedPending):  # plain data parallel: the DDP strategy applies
+            from . import DDPSync, SingleProcess
+
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            opt._rebind(DDPSync(dist.get_rank(), world, "auto") if world > 1 else SingleProcess())
+        return opt
     reasons = _unsupported(engine, zopt, stage)
     if opt.nonfinite == "skip_step":
         reasons.append("nonfinite='skip_step' (DeepSpeed runs the step itself; use 'error' or 'skip_task')")
