@@ -76,10 +76,10 @@ def ds_config(stage: int, **zero: object) -> dict:
     }
 
 
-def reference(method: str, schedule: dict[int, list[str]]) -> tuple[list[dict], list[torch.Tensor]]:
+def reference(method: str, schedule: dict[int, list[str]], estimator: str = "raw") -> tuple[list[dict], list[torch.Tensor]]:
     """Single process, no DeepSpeed: every rank's micro-batches, each loss / (GA * world)."""
     model = make_model()
-    opt = BalancedOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS), tasks=TASKS, method=method)
+    opt = BalancedOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS), tasks=TASKS, method=method, estimator=estimator)
     assert isinstance(opt.distributed, SingleProcess)
     diags = []
     for step in range(STEPS):
@@ -109,14 +109,14 @@ def assert_diag_equal(got: dict, want: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- workers (run in the ranks)
-def _train(rank: int, stage: int, method: str | None, schedule: dict[int, list[str]], in_block: bool = False, **zero: object) -> dict:
+def _train(rank: int, stage: int, method: str | None, schedule: dict[int, list[str]], in_block: bool = False, estimator: str = "raw") -> dict:
     """One engine: ``method=None`` is the plain DeepSpeed run (torch AdamW, no balancedmix)."""
     from balancedmix.distributed.deepspeed import attach
 
     model = make_model()
     inner = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
-    opt = None if method is None else BalancedOptimizer(inner, tasks=TASKS, method=method)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt or inner, config=ds_config(stage, **zero))
+    opt = None if method is None else BalancedOptimizer(inner, tasks=TASKS, method=method, estimator=estimator)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt or inner, config=ds_config(stage))
     if opt is not None:
         assert attach(engine) is opt
     diags, modes = [], []
@@ -155,6 +155,8 @@ def _stage_worker(rank: int, world: int, stage: int, methods: list[str], schedul
     for method in methods:
         out[method] = _train(rank, stage, method, schedule)
     out["normalize-in-block"] = _train(rank, stage, "normalize", schedule, in_block=True)
+    if stage >= 2:
+        out["split"] = _train(rank, stage, "normalize", schedule, estimator="split")
     return out
 
 
@@ -190,6 +192,16 @@ def test_zero_matches_plain_engine_and_single_process(stage: int, schedule: dict
         assert last["comm_bytes"] == (meta + stats) * 8 + span
         # the correction changed something (normalize is not sum on these tasks)
         assert not all(torch.equal(a, b) for a, b in zip(res["normalize"]["params"], res["sum"]["params"]))
+    if stage >= 2:
+        # split estimator: micro-step i (the mean of every rank's micro-batch i) goes to one half as a whole;
+        # "a" runs twice per rank, so its halves are the same sets as the single process's
+        want_diags, want_params = reference("normalize", schedule, estimator="split")
+        for res in results:
+            for got, want in zip(res["split"]["diags"], want_diags):
+                assert_diag_equal(got, want)
+                for prefix in ("grad_sqnorm_unbiased/", "noise_trace/", "noise_scale/"):
+                    k = prefix + "a"
+                    assert math.isclose(got[k], want[k], rel_tol=RTOL, abs_tol=ATOL), f"{k}: {got[k]} vs {want[k]}"
     # ranks agree bitwise on every figure
     for key in methods + ["normalize-in-block"]:
         assert results[0][key]["diags"] == results[1][key]["diags"]
