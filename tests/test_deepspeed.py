@@ -363,3 +363,39 @@ def test_deepspeed_example_runs_with_documented_command(tmp_path) -> None:
         assert rec["grad_norm/add"] > 0 and rec["grad_norm/rev"] > 0
         assert math.isclose(rec["update_share/add"] + rec["update_share/rev"], 1.0, abs_tol=1e-5)
     assert "ranks agree: 2 processes, distributed mode zero2" in proc.stdout, proc.stdout + proc.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- bf16 (the usual GPU setting)
+def _bf16_worker(rank: int, world: int) -> dict:
+    from balancedmix.distributed.deepspeed import attach
+
+    deepspeed.init_distributed("gloo")
+    out = {}
+    for stage in (1, 2, 3):
+        model = make_model()
+        opt = BalancedOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS), tasks=TASKS, method="normalize")
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={**ds_config(stage), "bf16": {"enabled": True}})
+        attach(engine)
+        diags = []
+        for step in range(STEPS):
+            for i, task in enumerate(ALIGNED[rank]):
+                with opt.task(task):
+                    engine.backward(loss_fn(engine, tuple(t.bfloat16() for t in batch(step, rank, i, task))))
+                engine.step()
+            diags.append(opt.diagnostics())
+        out[stage] = diags
+    return out
+
+
+def test_bf16_zero123_diagnostics_close_to_float32_single_process() -> None:
+    """bf16 parameters and gradients (DeepSpeed accumulates and reduces in bf16): the figures of the
+    first step are those of the float32 single process to bf16 precision, and ranks agree."""
+    want = reference("normalize", ALIGNED)[0][0]
+    r0, r1 = run_ranks(_bf16_worker, WORLD, timeout=TIMEOUT)
+    for stage in (1, 2, 3):
+        assert r0[stage] == r1[stage]
+        got = r0[stage][0]
+        for task in ("a", "b"):
+            assert math.isclose(got[f"grad_norm/{task}"], want[f"grad_norm/{task}"], rel_tol=2e-2)
+            assert math.isclose(got[f"update_share/{task}"], want[f"update_share/{task}"], abs_tol=1e-2)
+        assert abs(got["grad_scale"] - 1.0) < 1e-3  # p.grad is (a bf16 rounding of) the captured sum
