@@ -143,7 +143,7 @@ def _train(rank: int, stage: int, method: str | None, schedule: dict[int, list[s
     else:
         params = [p.detach().clone() for p in model.parameters()]
     out = {"params": params, "diags": diags, "modes": modes}
-    if opt is not None:
+    if opt is not None and stage > 0:
         out["buffer_numel"] = opt.buffers.data.shape[1]
         out["partition_numel"] = sum(p.numel() for p in opt.distributed.partitions)
     return out
@@ -160,7 +160,9 @@ def _stage_worker(rank: int, world: int, stage: int, methods: list[str], schedul
     return out
 
 
-@pytest.mark.parametrize("stage,schedule", [(1, UNALIGNED), (2, ALIGNED), (3, ALIGNED)], ids=["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize(
+    "stage,schedule", [(0, UNALIGNED), (1, UNALIGNED), (2, ALIGNED), (3, ALIGNED)], ids=["zero0", "zero1", "zero2", "zero3"]
+)
 def test_zero_matches_plain_engine_and_single_process(stage: int, schedule: dict[int, list[str]]) -> None:
     methods = [m for m in ("sum", "normalize", "pcgrad") if m in available_methods()]
     results = run_ranks(_stage_worker, WORLD, stage, methods, schedule, timeout=TIMEOUT)
@@ -173,14 +175,18 @@ def test_zero_matches_plain_engine_and_single_process(stage: int, schedule: dict
         for method in methods + ["normalize-in-block"]:
             want_diags, want_params = reference(method.split("-")[0], schedule)
             run = res[method]
-            assert run["modes"] == [f"zero{stage}"] * STEPS
+            assert run["modes"] == ([f"zero{stage}"] if stage else ["ddp"]) * STEPS  # ZeRO-0: plain data parallel
             for got, want in zip(run["diags"], want_diags):
                 assert_diag_equal(got, want)
             for got, want in zip(run["params"], want_params):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            if stage == 0:
+                continue
             # sharded cost: the task buffers cover the rank's partition only (P, padded, split in 2)
             assert run["buffer_numel"] == run["partition_numel"] < n_params
             assert run["partition_numel"] * WORLD - n_params < 16  # alignment padding only
+        if stage == 0:
+            continue
         # measured cost (per rank, last step): rows = 3 tasks + untagged, all allocated up front
         rows, part = len(TASKS) + 1, res["sum"]["partition_numel"]
         meta = 1 + 2 * rows + 4 + WORLD  # float64: errors, used rows, counts, schedule hash, buffer bytes per rank
@@ -311,16 +317,16 @@ def _accelerate_worker(rank: int, world: int, stage: int, methods: list[str], sc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_accelerate_deepspeed_plugin_matches_single_process(stage: int) -> None:
-    schedule = UNALIGNED if stage == 1 else ALIGNED
+    schedule = UNALIGNED if stage <= 1 else ALIGNED
     methods = [m for m in ("normalize",) if m in available_methods()]
     results = run_ranks(_accelerate_worker, WORLD, stage, methods, schedule, timeout=TIMEOUT)
     for method in methods:
         want_diags, want_params = reference(method, schedule)
         for res in results:
             run = res[method]
-            assert run["pending"] == "deepspeed-pending" and run["mode"] == f"zero{stage}"
+            assert run["pending"] == "deepspeed-pending" and run["mode"] == (f"zero{stage}" if stage else "ddp")
             for got, want in zip(run["diags"], want_diags):
                 assert_diag_equal(got, want)
             for got, want in zip(run["params"], want_params):

@@ -198,18 +198,6 @@ class DeepSpeedSync(_Collective):
             for index, p in enumerate(self._model_params):
                 self._grad_hooks.append(p.register_hook(self._make_hook(index)))
 
-    def detach(self) -> None:
-        """Remove the hooks (the engine's ``step()`` is restored)."""
-        for h in self._grad_hooks:
-            h.remove()
-        self._grad_hooks = []
-        if self._orig_step is not None:
-            try:
-                del self.zopt.step
-            except AttributeError:  # pragma: no cover
-                pass
-            self._orig_step = None
-
     def _make_hook(self, index: int) -> Any:
         def hook(grad: torch.Tensor) -> None:
             opt = self._opt
