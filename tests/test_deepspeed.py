@@ -347,6 +347,7 @@ def _doc_command() -> str:
 @pytest.mark.slow
 def test_deepspeed_example_runs_with_documented_command(tmp_path) -> None:
     import json
+    import shlex
     import subprocess
     import sys
     from pathlib import Path
@@ -359,9 +360,11 @@ def test_deepspeed_example_runs_with_documented_command(tmp_path) -> None:
     )
     out = tmp_path / "diag.jsonl"
     env = dict(os.environ, PYTHONPATH=str(root), DS_ACCELERATOR="cpu")
-    proc = subprocess.run(
-        f"{cmd} --steps 2 --jsonl {out}", shell=True, cwd=root, env=env, capture_output=True, text=True, timeout=240
-    )
+    argv = shlex.split(cmd) + ["--steps", "2", "--jsonl", str(out)]
+    while "=" in argv[0]:  # the documented VAR=value prefixes go into the environment (no shell)
+        key, value = argv.pop(0).split("=", 1)
+        env[key] = value
+    proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=240)
     assert out.exists(), f"no log written (rc {proc.returncode})\n{proc.stdout}\n{proc.stderr[-4000:]}"
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2  # rank 0 only, one line per step

@@ -315,9 +315,13 @@ def _accelerator_fsdp2(**kwargs):
     ``fsdp2_switch_optimizer_parameters``). Fragile to accelerate upgrades by design.
     """
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
-    from accelerate.state import PartialState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
     from accelerate.utils import DistributedType
 
+    # the ranks are forked from the pytest process: accelerate's singletons may hold an earlier test's
+    # state (a GradientState without sync_each_batch ignores the new plugin), so start from scratch
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     acc = Accelerator(cpu=True, fsdp_plugin=plugin, **kwargs)
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
