@@ -23,13 +23,13 @@ from balancedmix.storage import ExactStorage, SketchStorage
 # ----------------------------------------------------------------------------- helpers
 
 
-def sketches_over_keys(vectors: torch.Tensor, dim: int, n_keys: int, first: int = 0) -> torch.Tensor:
-    """``[n_keys, V, d]``: the sketch of each row of ``vectors`` ``[V, n]`` under keys ``first..``."""
+def sketches_over_keys(vectors: torch.Tensor, dim: int, n_keys: int, first: int = 0, start: int = 0) -> torch.Tensor:
+    """``[n_keys, V, d]``: the sketch of each row of ``vectors`` ``[V, n]`` (at coordinate ``start``) under keys ``first..``."""
     cs = CountSketch(dim)
     n = vectors.shape[1]
     out = torch.zeros(n_keys, vectors.shape[0], dim, dtype=torch.float64)
     for i in range(n_keys):
-        h, s = cs.buckets_and_signs(0, n, cs.key(first + i))
+        h, s = cs.buckets_and_signs(start, n, cs.key(first + i))
         out[i].index_add_(1, h, vectors.to(torch.float64) * s)
     return out
 
@@ -39,11 +39,19 @@ def sketches_over_keys(vectors: torch.Tensor, dim: int, n_keys: int, first: int 
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**45), st.integers(1, 300), st.integers(0, 2**64 - 1))
-def test_vectorised_hash_is_splitmix64_of_key_plus_j_phi(start, n, key):
+def test_vectorised_hash_matches_the_reference_across_block_boundaries(start, n, key):
     got = _hash_range(start, n, key, torch.device("cpu"))
     for k in (0, n // 2, n - 1):
-        want = _hash_reference(start + k, key)
-        assert int(got[k]) & ((1 << 64) - 1) == want
+        assert int(got[k]) & 0xFFFFFFFF == _hash_reference(start + k, key)
+
+
+def test_hash_of_a_range_straddling_a_block_boundary_equals_the_hash_of_its_pieces():
+    key = mix64(9, 9)
+    b = 1 << 20
+    whole = _hash_range(b - 5, 12, key, torch.device("cpu"))
+    torch.testing.assert_close(whole, torch.cat([_hash_range(b - 5, 5, key, torch.device("cpu")),
+                                                 _hash_range(b, 7, key, torch.device("cpu"))]))
+    assert [int(x) & 0xFFFFFFFF for x in whole] == [_hash_reference(j, key) for j in range(b - 5, b + 7)]
 
 
 def test_keys_differ_by_seed_and_step():
@@ -61,7 +69,7 @@ def test_buckets_are_uniform_and_signs_balanced():
     assert abs(float(s.mean())) < 5 / math.sqrt(160_000)
 
 
-@pytest.mark.parametrize("dim", [0, -3, 2.5, True])
+@pytest.mark.parametrize("dim", [0, -3, 2.5, True, 2**31])
 def test_bad_dimension_is_rejected(dim):
     with pytest.raises(ValueError, match="sketch dimension"):
         CountSketch(dim)
@@ -150,7 +158,8 @@ def test_inner_products_unbiased_with_the_stated_variance_over_seeds(n, dim, rho
     b = rho * a + math.sqrt(1 - rho * rho) * torch.randn(n, dtype=torch.float64, generator=g)
     b[: n // 4] *= 3.0  # uneven coordinates: the fourth-moment term matters
     keys = 3000
-    sk = sketches_over_keys(torch.stack([a, b]), dim, keys, first=seed)
+    # the coordinates straddle two global hash blocks
+    sk = sketches_over_keys(torch.stack([a, b]), dim, keys, first=seed, start=(1 << 20) - n // 2)
     est = (sk[:, 0] * sk[:, 1]).sum(-1)
     var = inner_product_variance(float(a @ a), float(b @ b), float(a @ b), dim, float((a * a * b * b).sum()))
     assert abs(float(est.mean()) - float(a @ b)) < 5 * math.sqrt(var / keys)

@@ -1,0 +1,92 @@
+"""The sketch across processes: FSDP2 shards and DDP ranks sketch their own coordinates and sum.
+
+Two gloo processes (tests/dist_harness.py). The single-process sketch of the whole vector is the
+reference; the sum of the ranks' sketches must equal it up to float summation order.
+"""
+
+import pytest
+import torch
+
+from balancedmix.sketch import CountSketch, global_starts, shard_offset
+from balancedmix.storage import SketchStorage
+
+from dist_harness import run_ranks
+
+WORLD = 2
+DIM = 64
+SEED = 11
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # 5-row and 7-row weights: uneven Shard(0) shards on 2 ranks; a bias of 7 and one of 3
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+
+
+def reference_sketch() -> torch.Tensor:
+    model = make_model()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    cs = CountSketch(DIM, SEED)
+    return cs.sketch(flat, key=cs.key(3))
+
+
+def _fsdp_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model()
+    for layer in (model[0], model[2], model[3]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    params = list(model.parameters())
+    starts = global_starts(params)
+    store = SketchStorage([p.to_local() for p in params], dim=DIM, seed=SEED, dtype=torch.float64, starts=starts)
+    store.period = 3
+    store._key = store.sketcher.key(3)
+    r = store.row("all")
+    for i, p in enumerate(params):
+        store.add(r, i, p.to_local().detach().double())
+    local = store.data[r].clone()
+    dist.all_reduce(store.data)
+    return {"sum": store.data[r].clone(), "local": local, "offsets": [shard_offset(p) for p in params],
+            "local_numel": sum(p.to_local().numel() for p in params)}
+
+
+def _ddp_worker(rank: int, world: int) -> dict:
+    """Each rank holds a disjoint random piece of every parameter's vector (zeros elsewhere)."""
+    import torch.distributed as dist
+
+    model = make_model()
+    params = [p.detach().double() for p in model.parameters()]
+    store = SketchStorage(params, dim=DIM, seed=SEED, dtype=torch.float64)
+    store.period = 3
+    store._key = store.sketcher.key(3)
+    r = store.row("all")
+    g = torch.Generator().manual_seed(5)  # same on both ranks: a common random partition
+    for i, p in enumerate(params):
+        owner = torch.randint(0, world, p.shape, generator=g)
+        store.add(r, i, torch.where(owner == rank, p, torch.zeros_like(p)))
+    dist.all_reduce(store.data)
+    return {"sum": store.data[r].clone()}
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_sketch_their_global_coordinates_and_sum_to_the_whole():
+    want = reference_sketch()
+    res = run_ranks(_fsdp_worker, WORLD, timeout=120)
+    total = sum(p.numel() for p in make_model().parameters())
+    assert res[0]["local_numel"] + res[1]["local_numel"] == total
+    assert res[0]["offsets"] == [0] * 6
+    assert res[1]["offsets"] == [3 * 4, 3, 4 * 5, 4, 2 * 7, 2]  # rank 1 holds rows 3.. / 4.. / 2..
+    for r in res:
+        torch.testing.assert_close(r["sum"], want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(res[0]["local"], want)  # each rank alone has only part of it
+
+
+@pytest.mark.slow
+def test_ddp_ranks_with_disjoint_pieces_sum_to_the_single_process_sketch():
+    want = reference_sketch()
+    for r in run_ranks(_ddp_worker, WORLD, timeout=120):
+        torch.testing.assert_close(r["sum"], want, rtol=1e-12, atol=1e-12)
