@@ -3,9 +3,9 @@
 The optimizer asks a storage four things, whichever kind it has:
 
 - ``add(row, param_index, grad)`` — called by the gradient hook with one parameter's gradient of
-  one backward, attributed to ``row`` (a task, a split-half of a task, or untagged). It returns
-  what the hook hands back to autograd: ``None`` (``p.grad`` receives ``grad`` unchanged) or a
-  replacement (``c · grad``: a lagged coefficient, see below).
+  one backward, attributed to ``row`` (a task, a split-half of a task, or untagged).
+- ``hook_scale(row)`` — the factor the gradient hook applies to a gradient of ``row`` before
+  autograd accumulates it into ``p.grad`` (exact: 1; sketch: the row's lagged coefficient).
 - ``row_stats(grads)`` — the Gram matrix of the rows ``[n, n]``, their dot products with the
   current ``p.grad`` ``[n]`` and ``‖p.grad‖²``, all float64 (for the sketch: of the sketches).
 - ``applied()`` — the coefficient each row's gradient carries in ``p.grad`` right now
@@ -35,7 +35,7 @@ import torch
 from .buffers import FlatBuffers, RowKey
 from .sketch import CountSketch, delta_standard_errors, global_starts
 
-__all__ = ["ExactStorage", "SketchStorage", "GradientStorage"]
+__all__ = ["ExactStorage", "SketchStorage", "GradientStorage", "make_storage"]
 
 GradList = Sequence["torch.Tensor | None"]
 
@@ -52,6 +52,10 @@ class ExactStorage(FlatBuffers):
     def applied(self) -> torch.Tensor:
         """Coefficient of each row in ``p.grad`` now: 1 (hooks never scale an exact row's gradient)."""
         return torch.ones(len(self.keys), dtype=torch.float64)
+
+    def hook_scale(self, row: int | None) -> float:
+        """1: the hooks hand gradients to autograd unchanged (the correction is written at ``step()``)."""
+        return 1.0
 
     def row_stats(self, grads: GradList | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gram of all rows ``[n, n]``, their dot products with ``grads`` ``[n]`` and ``‖grads‖²``.
@@ -87,13 +91,13 @@ class ExactStorage(FlatBuffers):
 
         ``rebuild=False``: ``p.grad`` holds ``scale · Σ_r B_r`` and becomes ``scale · Σ_r c_r B_r``
         (``p.grad += scale · Σ_r (c_r − 1) B_r``; untouched when every ``c_r = 1``, so ``sum`` is
-        bit-identical to the plain optimizer). ``rebuild=True``: ``p.grad = Σ_r c_r B_r``.
+        bit-identical to the plain optimizer). ``rebuild=True``: ``p.grad = scale · Σ_r c_r B_r``.
         ``w @ block`` (a non-transposed matrix-vector product) is several times faster than
         ``block.T @ w`` on wide slices such as an embedding.
         """
         coef = coef.to(torch.float64)
-        weights = coef if rebuild else scale * (coef - 1.0)
-        if not rebuild and bool(torch.all(weights == 0)):
+        weights = scale * coef if rebuild else scale * (coef - 1.0)
+        if not rebuild and bool(torch.all(coef == 1.0)):
             return coef
         w = weights.to(device=self.data.device, dtype=self.dtype)
         for i, grad in enumerate(grads):
@@ -141,8 +145,8 @@ class SketchStorage:
             pass it when ``params`` are local shards of DTensors.
 
     Memory: ``rows × d`` values (``K × d``, ``2K × d`` with the split estimator, +d when untagged
-    backwards happen); transient per ``add``: one hashed chunk and, when the lagged coefficient
-    is not 1, the scaled gradient of one parameter.
+    backwards happen); transient per ``add``: one hashed chunk (and, in the optimizer's hook,
+    the scaled gradient of one parameter when the lagged coefficient is not 1).
     """
 
     kind = "sketch"
@@ -245,14 +249,16 @@ class SketchStorage:
         return self._key
 
     # ---------------------------------------------------------------- the interface
-    def add(self, row: int, param_index: int, grad: torch.Tensor) -> torch.Tensor | None:
-        """Sketch ``grad`` into ``row``; return ``c · grad`` when the row's lagged coefficient ``c`` is not 1."""
+    def add(self, row: int, param_index: int, grad: torch.Tensor) -> None:
+        """Sketch ``grad`` (one parameter's gradient, rank-local) into ``row``."""
         if grad.is_sparse:
             raise TypeError(f"sparse gradient for parameter {param_index}; balancedmix supports dense gradients only")
         self.sketcher.add_(self.data[row], grad, self.starts[param_index], self._key)
         self.used.add(row)
-        c = self._coef.get(self.keys[row], 1.0)
-        return None if c == 1.0 else grad * c
+
+    def hook_scale(self, row: int | None) -> float:
+        """The lagged coefficient of ``row`` (``None``: untagged, 1): the hook hands ``c · grad`` to autograd."""
+        return 1.0 if row is None else self._coef.get(self.keys[row], 1.0)
 
     def sketch_grads(self, grads: GradList) -> torch.Tensor:
         """``S(p.grad)`` (float64 ``[d]``) of the rank-local gradients, with this period's hash."""
@@ -322,6 +328,24 @@ class SketchStorage:
 
 GradientStorage = Union[ExactStorage, SketchStorage]
 """Either storage; both offer the interface described in this module's docstring."""
+
+
+def make_storage(
+    params: Sequence[torch.Tensor],
+    local: Sequence[torch.Tensor],
+    sketch_dim: int | None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    order: Callable[[RowKey], Any] | None = None,
+) -> GradientStorage:
+    """Exact rows (``sketch_dim=None``) or sketches of ``sketch_dim`` values per row.
+
+    ``params`` are the parameters as the optimizer holds them (DTensors under FSDP2: their global
+    shapes and shard offsets give the sketch's coordinates), ``local`` their rank-local tensors.
+    """
+    if sketch_dim is None:
+        return ExactStorage(local, dtype=dtype, order=order)
+    return SketchStorage(local, sketch_dim, seed=seed, dtype=dtype, order=order, starts=global_starts(params))
 
 
 def _check_kind(state: dict[str, Any], kind: str) -> None:

@@ -233,7 +233,8 @@ def test_sketch_storage_rows_are_sketches_of_the_row_gradients_and_memory_is_row
     for k, gs in grads.items():
         r = store.row(k)
         for i, gr in enumerate(gs):
-            assert store.add(r, i, gr) is None  # coefficient 1: autograd gets grad unchanged
+            store.add(r, i, gr)
+        assert store.hook_scale(r) == 1.0  # no coefficient yet: autograd gets grad unchanged
     assert store.keys == [0, 1, 2] and store.finish() == [0, 1, 2]
     assert store.nbytes == 3 * 16 * 8 and tuple(store.data.shape) == (3, 16)
     mat = store.sketcher.matrix(17, store.key)
@@ -262,12 +263,15 @@ def test_sketch_storage_applies_lagged_coefficients_in_the_hook_and_keeps_absent
     store = SketchStorage(params, dim=8, dtype=torch.float64, order=lambda k: k)
     a, b = store.row("a"), store.row("b")
     ga = torch.arange(6.0, dtype=torch.float64)
-    assert store.add(a, 0, ga) is None and store.add(b, 0, ga) is None
+    store.add(a, 0, ga)
+    store.add(b, 0, ga)
+    assert store.hook_scale(a) == store.hook_scale(b) == store.hook_scale(None) == 1.0
     torch.testing.assert_close(store.applied(), torch.ones(2, dtype=torch.float64))
     applied = store.combine(torch.tensor([0.5, 2.0]), 1.0, [None])
     torch.testing.assert_close(applied, torch.ones(2, dtype=torch.float64))  # this step: the previous ones
     store.reset()
-    torch.testing.assert_close(store.add(a, 0, ga), 0.5 * ga)  # next step: the hook scales
+    assert store.hook_scale(a) == 0.5 and store.hook_scale(b) == 2.0  # next step: the hook scales
+    store.add(a, 0, ga)
     torch.testing.assert_close(store.applied(), torch.tensor([0.5, 2.0], dtype=torch.float64))
     store.combine(torch.tensor([0.25, 7.0]), 1.0, [None])  # only "a" was used: "b" keeps 2.0
     store.reset()
@@ -309,7 +313,8 @@ def test_exact_storage_stats_and_combine_match_explicit_vectors():
     for k, gs in rows.items():
         r = store.row(k)
         for i, gr in enumerate(gs):
-            assert store.add(r, i, gr) is None
+            store.add(r, i, gr)
+        assert store.hook_scale(r) == 1.0
     store.finish()
     flat = torch.stack([torch.cat([t.reshape(-1) for t in rows[k]]) for k in (0, 1)])
     pgrad = [2.0 * (rows[0][i] + rows[1][i]) for i in range(2)]  # a clip by 2
@@ -321,8 +326,8 @@ def test_exact_storage_stats_and_combine_match_explicit_vectors():
     assert torch.equal(store.combine(coef, 2.0, pgrad), coef)
     got = torch.cat([t.reshape(-1) for t in pgrad])
     torch.testing.assert_close(got, 2.0 * (coef @ flat))
-    store.combine(coef, 1.0, pgrad, rebuild=True)
-    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in pgrad]), coef @ flat)
+    store.combine(coef, 0.5, pgrad, rebuild=True)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in pgrad]), 0.5 * (coef @ flat))
     assert store.standard_errors(lambda x: x, row_gram) is None
 
 
