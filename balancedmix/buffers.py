@@ -113,7 +113,10 @@ class FlatBuffers:
     def add(self, row: int, param_index: int, grad: torch.Tensor) -> None:
         """Accumulate one parameter's gradient into ``row`` (dense gradients only)."""
         if grad.is_sparse:
-            raise TypeError(f"sparse gradient for parameter {param_index}; balancedmix supports dense gradients only")
+            raise TypeError(
+                f"sparse gradient for parameter {param_index} {tuple(grad.shape)}; balancedmix supports dense gradients "
+                "only: build the module with sparse=False (e.g. nn.Embedding(..., sparse=False)); see docs/optimizers.md"
+            )
         view = self._views[row][param_index]
         written = self._written[row]
         if written[param_index]:

@@ -690,33 +690,347 @@ class IMTLG:
 
 
 # ====================================================================== upgrad
+#
+# UPGrad solves one small non-negative QP per task: ``v = argmin_{v ≥ u} vᵀ Γ v``. On Grams whose
+# task gradients are dependent up to float32 rounding (condition ~1e13) the Gram-form active-set
+# method of :func:`nnls_gram` solves its sub-systems to ~1e-3 only, its active set cycles and it
+# stops at its iteration limit on a point that violates the optimality conditions (16 % off the
+# exact update in ``tests/test_upgrad_solver.py``). The solve below has three stages:
+#
+# 1. Lawson–Hanson on an explicit factor ``R`` of the unit-norm Gram (``RᵀR = Γ̃``, from its
+#    eigendecomposition): the sub-problems are least-squares solves on columns of ``R``, whose
+#    condition number is the square root of the Gram's. Anti-cycling: Dantzig's rule, switching to
+#    Bland's rule if a passive set repeats; a variable that enters and leaves without the point
+#    moving is not eligible again until it moves; the blocking variable leaves exactly.
+# 2. If that point fails the optimality check (rounding-level tolerance), the problem is solved
+#    again robustly: by enumerating every support (``K ≤ 10``) or by accelerated projected
+#    gradient, keeping the better point.
+# 3. The point is then refined against the Gram itself (its entries taken as exact): an active
+#    set continuation from that point's support whose linear solves are corrected by iterative
+#    refinement with residuals in extended precision (``numpy.longdouble``; plain float64 on
+#    platforms without it). It is kept only when it satisfies the optimality conditions of the
+#    original problem; it makes the result independent of the task order and, where the
+#    sub-blocks are not singular to working precision, equal to the exact answer for the given
+#    Gram (an ill-conditioned Gram moves the exact answer by up to ~1e-4 of the gradients' size
+#    for a one-ulp change of its entries: nothing from the Gram alone is more precise than that).
+#    Skipped on a numerically singular Gram (an eigenvalue of the unit Gram ≤ K·eps of the
+#    largest: exactly dependent gradients), whose entries carry rounding noise in the dependent
+#    directions that an exact solve would follow.
+#
+# If stage 2 still does not satisfy the optimality check, a warning is logged (once per set of
+# tasks) and the best point found is used.
+
+#: Largest problem size for which a non-converged active-set solve falls back to enumerating
+#: every support (``2ⁿ − 1`` small least-squares solves; 1023 for ``n = 10``).
+_ENUMERATE_MAX = 10
+
+#: Type of the refinement's residuals, and its unit roundoff: 1.1e-19 where ``numpy.longdouble``
+#: is the x87 80-bit format (x86-64 Linux), 2.2e-16 where it is float64 (Windows, ARM macOS).
+_LD: Any = np.longdouble
+_EPS_LD = float(np.finfo(_LD).eps)
+
+#: Task sets (or sizes, without names) already warned about a non-converged UPGrad solve.
+_UPGRAD_WARNED: set[tuple[Any, ...]] = set()
+
+
+def _psd_factor(h: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``R`` (``[n, n]``) with ``RᵀR`` the positive semi-definite part of the symmetric ``h``, and
+    whether ``h`` is numerically singular.
+
+    Eigenvalues at or below ``n·eps`` times the largest are rounding noise of the Gram (exactly
+    dependent gradients give such eigenvalues, of either sign): they are set to 0, so those
+    directions count as exactly dependent; negative ones (a Gram accumulated in float32) too.
+    """
+    lam, q = np.linalg.eigh(0.5 * (h + h.T))
+    floor = h.shape[0] * np.finfo(np.float64).eps * max(float(lam[-1]), 0.0) if lam.size else 0.0
+    singular = bool(lam.size and lam[0] <= floor)
+    lam = np.where(lam > floor, lam, 0.0)
+    return np.sqrt(lam)[:, None] * q.T, singular
+
+
+def _ls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares ``min ||a y − b||`` (columns equilibrated, relative singular-value cutoff)."""
+    d = np.linalg.norm(a, axis=0)
+    d = np.where(d > 0, d, 1.0)
+    return np.linalg.lstsq(a / d, b, rcond=1e-13)[0] / d
+
+
+def _kkt_tol(a: np.ndarray, b: np.ndarray, x: np.ndarray, cn: np.ndarray) -> np.ndarray:
+    """Per variable, a bound on the rounding error of the gradient entry ``a_jᵀ(b − a x)``."""
+    return 1e-12 * cn * (np.linalg.norm(b) + cn @ np.abs(x)) + 1e-300
+
+
+def _kkt_ok(a: np.ndarray, b: np.ndarray, x: np.ndarray, cn: np.ndarray) -> bool:
+    """Whether ``x`` is optimal for ``min_{x≥0} ||a x − b||²`` up to rounding: ``x ≥ 0``, no
+    variable would decrease the objective when freed (``w_j ≤ tol_j`` with ``w = aᵀ(b − a x)``)
+    and the free variables are stationary (``|w_j| ≤ tol_j`` where ``x_j > 0``)."""
+    w = a.T @ (b - a @ x)
+    tol = _kkt_tol(a, b, x, cn)
+    free = x > 0
+    return bool((x >= 0).all() and (w <= tol).all() and (np.abs(w[free]) <= tol[free]).all())
+
+
+def _lawson_hanson(a: np.ndarray, b: np.ndarray, max_iter: int) -> tuple[np.ndarray, bool]:
+    """Lawson–Hanson active-set NNLS ``min_{x≥0} ||a x − b||²`` on an explicit ``a`` (``[m, n]``).
+
+    The entering variable has the largest normalised gradient (Dantzig's rule). In exact
+    arithmetic the objective decreases strictly from one passive set to the next, so none
+    repeats; a repeat (rounding) switches to Bland's rule (the lowest eligible index enters) and a
+    repeat under Bland's rule stops. A variable that enters and leaves without the point moving (a
+    numerical tie) is not eligible again until the point moves. Returns ``x`` (always feasible)
+    and whether it ended with no eligible variable (``False``: cycle or iteration limit).
+    """
+    n = a.shape[1]
+    cn = np.linalg.norm(a, axis=0)
+    safe_cn = np.where(cn > 0, cn, 1.0)
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    blocked = np.zeros(n, dtype=bool)
+    seen: set[bytes] = set()
+    bland = False
+    iters = 0
+    while True:
+        w = a.T @ (b - a @ x)
+        cand = ~passive & ~blocked & (cn > 0) & (w > _kkt_tol(a, b, x, cn))
+        if not cand.any():
+            return x, True
+        j = int(np.flatnonzero(cand)[0]) if bland else int(np.argmax(np.where(cand, w / safe_cn, -np.inf)))
+        passive[j] = True
+        moved = False
+        while True:
+            iters += 1
+            if iters > max_iter:
+                return x, False
+            idx = np.flatnonzero(passive)
+            s = np.zeros(n)
+            s[idx] = _ls(a[:, idx], b)
+            if (s[idx] > 0).all():
+                moved = moved or not np.array_equal(s, x)
+                x = s
+                break
+            neg = idx[s[idx] <= 0]
+            den = x[neg] - s[neg]
+            ratio = np.where(den > 0, x[neg] / np.where(den > 0, den, 1.0), 0.0)
+            at = int(np.argmin(ratio))
+            alpha = float(ratio[at])
+            moved = moved or alpha > 0
+            x = x + alpha * (s - x)
+            x[neg[at]] = 0.0  # the blocking variable leaves exactly (rounding can leave 1e-17)
+            passive &= x > 0
+            x[~passive] = 0.0
+            if not passive.any():
+                break
+        if not moved:
+            blocked[j] = True
+            continue
+        blocked[:] = False
+        key = passive.tobytes()
+        if key in seen:
+            if bland:
+                return x, False
+            bland = True
+            seen.clear()
+        seen.add(key)
+
+
+def _nnls_enumerate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact NNLS by enumeration: the least-squares solution on every support whose coefficients
+    are all ≥ 0, keeping the smallest residual (an optimum whose support columns are linearly
+    independent always exists, and it is one of them). ``2ⁿ − 1`` solves: small ``n`` only."""
+    n = a.shape[1]
+    best, best_res = np.zeros(n), float(b @ b)
+    for mask in range(1, 1 << n):
+        idx = np.flatnonzero([(mask >> j) & 1 for j in range(n)])
+        y = _ls(a[:, idx], b)
+        if (y < 0).any():
+            continue
+        r = b - a[:, idx] @ y
+        res = float(r @ r)
+        if res < best_res:
+            best = np.zeros(n)
+            best[idx] = y
+            best_res = res
+    return best
+
+
+def _projected_gradient(a: np.ndarray, b: np.ndarray, x0: np.ndarray, cn: np.ndarray, iters: int = 20000) -> np.ndarray:
+    """Accelerated projected gradient (FISTA with adaptive restart) from ``x0``: converges for any
+    ``a`` (singular included); stops early once :func:`_kkt_ok` holds."""
+    lip = float(np.linalg.norm(a, 2) ** 2) or 1.0
+    x = y = x0.copy()
+    t = 1.0
+    for it in range(iters):
+        x_new = np.maximum(y + a.T @ (b - a @ y) / lip, 0.0)
+        t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        if (y - x_new) @ (x_new - x) > 0:  # restart when the momentum points uphill
+            t_new, y = 1.0, x_new
+        else:
+            y = x_new + ((t - 1.0) / t_new) * (x_new - x)
+        x, t = x_new, t_new
+        if it % 50 == 49 and _kkt_ok(a, b, x, cn):
+            break
+    return x
+
+
+def _nnls_factor(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``argmin_{x≥0} ||a x − b||²`` (stages 1–2 above). Returns ``x`` and whether it satisfies
+    the optimality conditions up to rounding (:func:`_kkt_ok`)."""
+    n = a.shape[1]
+    if n == 0:
+        return np.zeros(0), True
+    cn = np.linalg.norm(a, axis=0)
+    x, _ = _lawson_hanson(a, b, max_iter=30 * n + 30)
+    if _kkt_ok(a, b, x, cn):
+        return x, True
+    other = _nnls_enumerate(a, b) if n <= _ENUMERATE_MAX else _projected_gradient(a, b, x, cn)
+    if np.sum((a @ other - b) ** 2) < np.sum((a @ x - b) ** 2):
+        x = other
+    return x, _kkt_ok(a, b, x, cn)
+
+
+def _refined_solve(g: np.ndarray, gx: np.ndarray, free: np.ndarray, v: np.ndarray) -> np.ndarray | None:
+    """``v`` with ``(g v)_free = 0`` and ``v`` unchanged elsewhere, by an equilibrated LU solve on
+    ``g[free, free]`` plus iterative refinement with residuals in ``gx`` (``g`` in extended
+    precision). ``None`` when the block is singular to working precision (the refinement does not
+    bring the residual to rounding level)."""
+    idx = np.flatnonzero(free)
+    sub = g[np.ix_(idx, idx)]
+    d = np.sqrt(np.diagonal(sub))
+    if (d <= 0).any():
+        return None
+    scaled = sub / np.outer(d, d)
+    out = v.astype(_LD)
+    out[idx] = 0
+    best, best_norm = None, math.inf
+    for _ in range(8):
+        res = -(gx[idx] @ out)  # −(g v)_free, accurately
+        norm = float(np.max(np.abs(res)))
+        if norm >= best_norm:
+            break
+        best, best_norm = out.copy(), norm
+        try:
+            step = np.linalg.solve(scaled, (res / d).astype(np.float64)) / d
+        except np.linalg.LinAlgError:
+            return None
+        if not np.isfinite(step).all():
+            return None
+        out[idx] += step
+    if best is None:
+        return None
+    scale = float(np.max(np.abs(g[idx]) @ np.abs(best.astype(np.float64))))
+    return best if best_norm <= 1e4 * _EPS_LD * scale else None
+
+
+def _dual_cone_refine(g: np.ndarray, u: np.ndarray, v0: np.ndarray) -> np.ndarray | None:
+    """Stage 3: ``argmin_{v ≥ u} vᵀ g v`` by an active-set continuation from ``v0`` on ``g`` itself
+    (entries exact, refined solves). Returns ``v`` when it satisfies the optimality conditions of
+    this problem up to extended-precision rounding, else ``None``."""
+    k = g.shape[0]
+    gx = g.astype(_LD)
+    ux = u.astype(_LD)
+    v = np.maximum(v0.astype(_LD), ux)
+    free = v > ux
+    abs_g = np.abs(g)
+    seen: set[bytes] = set()
+    for _ in range(4 * k + 4):
+        key = free.tobytes()
+        if key in seen:
+            return None
+        seen.add(key)
+        if free.any():
+            s = _refined_solve(g, gx, free, v)
+            if s is None:
+                return None
+            low = free & (s <= ux)
+            if low.any():  # step back towards v to the first bound, release it
+                idx = np.flatnonzero(low)
+                den = v[idx] - s[idx]
+                ratio = np.where(den > 0, (v[idx] - ux[idx]) / np.where(den > 0, den, 1), 0)
+                at = int(np.argmin(ratio))
+                v = v + ratio[at] * (s - v)
+                v[idx[at]] = ux[idx[at]]
+                free &= v > ux
+                v[~free] = ux[~free]
+                continue
+            v = s
+        grad = gx @ v  # <update, G_t>: must be >= 0 where v_t = u_t, 0 where v_t > u_t
+        tol = 64 * _EPS_LD * (abs_g @ np.abs(v.astype(np.float64))) + 1e-300
+        enter = ~free & (grad < -tol)
+        if not enter.any():
+            if (np.abs(grad[free]) > 200 * tol[free]).any():
+                return None
+            return v.astype(np.float64)
+        free[int(np.argmin(np.where(enter, grad / np.sqrt(np.maximum(np.diagonal(g), 1e-300)), np.inf)))] = True
+    return None
+
+
+def _dual_cone(
+    g: np.ndarray, u: np.ndarray, factor: tuple[np.ndarray, bool] | None = None
+) -> tuple[np.ndarray, bool]:
+    """``argmin_{v ≥ u} vᵀ g v`` for a PSD ``g`` (``[k, k]``, any scale), stages 1–3. ``factor``:
+    :func:`_psd_factor` of the unit-norm ``g`` if already computed. Returns ``v`` and whether the
+    optimality conditions hold (stage 2 or 3).
+
+    Stage 3 is skipped on a numerically singular Gram: its entries then carry rounding noise in
+    the dependent directions that an exact solve would follow (with coefficients ~1e8), while the
+    gradients themselves are dependent; stage 1's factor treats those directions as dependent.
+    """
+    d = np.sqrt(np.clip(np.diagonal(g), 0.0, None))
+    d = np.where(d > 0, d, 1.0)
+    r, singular = _psd_factor(g / np.outer(d, d)) if factor is None else factor
+    ud = u * d
+    x, ok = _nnls_factor(r, -(r @ ud))
+    v0 = (ud + x) / d
+    if not singular:
+        v = _dual_cone_refine(g, u, v0)
+        if v is not None:
+            return v, True
+    return v0, ok
+
+
+def _warn_not_converged(method: str, tasks: Sequence[str] | None, k: int, detail: str) -> None:
+    key = (method, tuple(tasks) if tasks is not None else k)
+    if key in _UPGRAD_WARNED:
+        return
+    _UPGRAD_WARNED.add(key)
+    who = f"tasks {list(tasks)}" if tasks is not None else f"{k} tasks"
+    logger.warning(
+        "%s: the QP solve did not reach its optimality conditions for %s (%s); using the best point "
+        "found. The task gradients are nearly linearly dependent (ill-conditioned Gram). "
+        "Warned once per set of tasks.",
+        method,
+        who,
+        detail,
+    )
 
 
 def dual_cone_weights(gram: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Weights ``v`` of the projection of ``Σ u_t G_t`` onto the dual cone ``{x: <x, G_t> ≥ 0 ∀t}``.
 
     By Quinton & Rey (2024, Prop. 1) the projection is ``Σ v_t G_t`` with
-    ``v = argmin_{v ≥ u} vᵀ gram v``; with ``v = u + x`` this is :func:`nnls_gram` with
-    ``h = gram``, ``f = −gram u``. Arrays: ``gram`` ``[K, K]``, ``u`` ``[K]``.
+    ``v = argmin_{v ≥ u} vᵀ gram v``: a non-negative least-squares problem in ``x = v − u``,
+    solved robustly (anti-cycling active set on a factor of the Gram, a fallback solve, then
+    refinement against the Gram itself; see ``docs/methods.md``). Logs a warning if the result
+    still misses its optimality conditions. Arrays: ``gram`` ``[K, K]`` (symmetric PSD), ``u``
+    ``[K]``.
     """
-    return u + nnls_gram(gram, -(gram @ u))
+    g = np.asarray(gram, dtype=np.float64)
+    g = 0.5 * (g + g.T)
+    u = np.asarray(u, dtype=np.float64)
+    v, ok = _dual_cone(g, u)
+    if not ok:
+        _warn_not_converged("dual_cone_weights", None, len(u), "K = %d" % len(u))
+    return v
 
 
-def upgrad_weights(gram: torch.Tensor, pref: torch.Tensor | Sequence[float] | None = None) -> torch.Tensor:
-    """UPGrad (Quinton & Rey 2024; torchjd's default aggregator). ``[K, K] -> [K]``.
-
-    ``G = Σ_i π(p_i G_i)``, with ``π`` the projection onto the dual cone of the task gradients and
-    ``p`` the preference vector (default ``1/K``: mean scale). Each ``π(p_i G_i)`` is a small QP
-    on the Gram (:func:`dual_cone_weights`); the coefficients are the sum of their weights. The
-    result has a non-negative inner product with every task gradient. Zero-gradient tasks are
-    left out (coefficient 0, and ``K`` counts the others).
-    """
+def _upgrad(gram: torch.Tensor, pref: torch.Tensor | Sequence[float] | None) -> tuple[torch.Tensor, bool]:
+    """:func:`upgrad_weights` and whether every projection met its optimality conditions."""
     g = _gram_array(gram, "upgrad")
     k_all = g.shape[0]
-    sub, idx = _restrict(g)
+    _, idx = _restrict(g)
     k = idx.size
     if k == 0:
-        return torch.zeros(k_all, dtype=torch.float64)
+        return torch.zeros(k_all, dtype=torch.float64), True
     if pref is None:
         p = np.full(k, 1.0 / k)
     else:
@@ -724,25 +1038,55 @@ def upgrad_weights(gram: torch.Tensor, pref: torch.Tensor | Sequence[float] | No
         if p_all.shape != (k_all,) or not np.isfinite(p_all).all() or (p_all < 0).any():
             raise ValueError(f"upgrad: pref must be {k_all} finite non-negative numbers, got {p_all.tolist()}")
         p = p_all[idx]
-    # The dual cone of {G_t} is that of the unit gradients {G_t/||G_t||}: solving on the unit
-    # Gram keeps a tiny task's constraint <x, G_t> >= 0 as binding as a large one's.
-    n = np.sqrt(np.diagonal(sub))
-    unit = sub / np.outer(n, n)
+    # The dual cone of {G_t} is that of the unit gradients {G_t/||G_t||}: the active-set solve
+    # runs on a factor of the unit Gram, so a tiny task's constraint <x, G_t> >= 0 is as binding
+    # as a large one's; the refinement then works on the caller's Gram entries themselves.
+    orig = g[np.ix_(idx, idx)]
+    n = np.sqrt(np.diagonal(orig))
+    factor = _psd_factor(orig / np.outer(n, n))
     total = np.zeros(k)
+    converged = True
     for i in range(k):
         if p[i] == 0:
             continue
         u = np.zeros(k)
-        u[i] = p[i] * n[i]
-        total += dual_cone_weights(unit, u) / n
-    return _expand(total, idx, k_all)
+        u[i] = p[i]
+        v, ok = _dual_cone(orig, u, factor)
+        converged &= ok
+        total += v
+    return _expand(total, idx, k_all), bool(converged)
+
+
+def upgrad_weights(
+    gram: torch.Tensor, pref: torch.Tensor | Sequence[float] | None = None, tasks: Sequence[str] | None = None
+) -> torch.Tensor:
+    """UPGrad (Quinton & Rey 2024; torchjd's default aggregator). ``[K, K] -> [K]``.
+
+    ``G = Σ_i π(p_i G_i)``, with ``π`` the projection onto the dual cone of the task gradients and
+    ``p`` the preference vector (default ``1/K``: mean scale). Each ``π(p_i G_i)`` is a small QP
+    on the Gram (:func:`dual_cone_weights`); the coefficients are the sum of their weights. The
+    result has a non-negative inner product with every task gradient. Zero-gradient tasks are
+    left out (coefficient 0, and ``K`` counts the others).
+
+    The QPs are solved robustly, also on nearly singular Grams (see ``docs/methods.md``); if a
+    solve still misses its optimality conditions, a warning naming ``tasks`` (the Gram's task
+    names, when given) is logged once per set of tasks and the best point found is used.
+    """
+    coef, converged = _upgrad(gram, pref)
+    if not converged:
+        _warn_not_converged("upgrad", tasks, int(gram.shape[0]), "K = %d" % int(gram.shape[0]))
+    return coef
 
 
 @register_method("upgrad")
 class UPGrad:
     """Unconflicting projection of gradients (Quinton & Rey 2024): the mean of every task
     gradient's projection onto the dual cone. ``pref`` (``{task: weight}``, default ``1/K``)
-    replaces the mean by a weighted sum; tasks missing from ``pref`` get weight 0."""
+    replaces the mean by a weighted sum; tasks missing from ``pref`` get weight 0.
+
+    ``converged`` is ``False`` after a step whose QP solves missed their optimality conditions
+    (nearly dependent task gradients; a warning naming the tasks is then logged once per set of
+    tasks), ``True`` after a normal step, ``None`` before the first."""
 
     def __init__(self, pref: Mapping[str, float] | None = None) -> None:
         if pref is not None:
@@ -750,10 +1094,14 @@ class UPGrad:
                 if not (math.isfinite(float(value)) and float(value) >= 0):
                     raise ValueError(f"upgrad: preference {value} for task {name!r} must be finite and >= 0")
         self.pref = dict(pref) if pref is not None else None
+        self.converged: bool | None = None
 
     def __repr__(self) -> str:
         return f"UPGrad(pref={self.pref!r})"
 
     def __call__(self, gram: torch.Tensor, ctx: MethodContext) -> torch.Tensor:
         pref = None if self.pref is None else [float(self.pref.get(t, 0.0)) for t in ctx.tasks]
-        return upgrad_weights(gram, pref)
+        coef, self.converged = _upgrad(gram, pref)
+        if not self.converged:
+            _warn_not_converged("upgrad", ctx.tasks, len(ctx.tasks), f"step {ctx.step}")
+        return coef

@@ -11,8 +11,9 @@ Usage::
     opt.zero_grad()
     log(opt.diagnostics())                    # {"grad_norm/math": ..., "update_share/code": ...}
 
-How it works: a gradient hook on every trainable parameter adds the parameter's gradient of
-each backward into the current task's flat buffer, while ``p.grad`` keeps accumulating the plain
+How it works: gradient hooks on every trainable parameter add the parameter's gradient of
+each backward into the current task's flat buffer (only gradients accumulated into ``p.grad``:
+``torch.autograd.grad`` is not captured), while ``p.grad`` keeps accumulating the plain
 total as usual (so gradient clipping, grad-norm logging and DDP's reducer see what they always
 see). ``step()`` computes the Gram matrix of the task buffers (one matrix product), checks that
 ``p.grad`` still equals their sum up to a uniform scale (a clip or an AMP unscale), asks the
@@ -24,8 +25,13 @@ detected scale, ``U`` the untagged part — before calling the inner step. With 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
+import numbers
+import operator
+import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -53,6 +59,53 @@ def _row_order(key: tuple) -> tuple:
     return (math.inf, 0) if key == _UNTAGGED else (key[1], key[2])
 
 
+def _check_supported(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, before anything is hooked, an optimizer the wrapper cannot serve (``docs/optimizers.md``)."""
+    name = type(optimizer).__name__
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise TypeError(
+            f"{name} is not supported: it needs sparse gradients and balancedmix captures dense gradients only. Use "
+            "Adam/AdamW with dense gradients (nn.Embedding(sparse=False)); supported optimizers: docs/optimizers.md"
+        )
+    meta = [
+        f"group {gi} parameter {pi} {tuple(p.shape)}"
+        for gi, group in enumerate(optimizer.param_groups)
+        for pi, p in enumerate(group["params"])
+        if p.is_meta
+    ]
+    if meta:
+        listed = ", ".join(meta[:3]) + (f" and {len(meta) - 3} more" if len(meta) > 3 else "")
+        raise ValueError(
+            f"{name} holds {len(meta)} parameter(s) on the meta device ({listed}): they have no data, so no gradient "
+            "can be captured or applied. Materialise the model first (model.to_empty(device=...), then load or "
+            "initialise the weights) and build the optimizer over the materialised parameters"
+        )
+
+
+def _check_mismatch_tol(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"mismatch_tol must be a number in [0, 1), got {value!r}")
+    tol = float(value)
+    if not (math.isfinite(tol) and 0.0 <= tol < 1.0):
+        raise ValueError(
+            f"mismatch_tol must be a finite number in [0, 1) (a tolerance on 1 - cos², default 1e-3), got {tol}; "
+            "NaN, negative values and values >= 1 would disable or break the consistency check"
+        )
+    return tol
+
+
+def _check_seed(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"seed must be an integer, got {value!r}")
+    try:
+        seed = operator.index(value)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {value!r} of type {type(value).__name__}") from None
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be in [-2**63, 2**64) (torch.Generator.manual_seed), got {seed}")
+    return seed
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A task's gradient holds NaN or Inf (``nonfinite="error"``). ``tasks`` names them."""
 
@@ -69,25 +122,30 @@ class BalancedOptimizer(torch.optim.Optimizer):
     """Wrap ``optimizer``; attribute every backward to a task; correct the update at ``step()``.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, fused/foreach variants...).
-            Its ``param_groups``, ``state``, ``defaults`` are shared, so LR schedulers, accelerate
-            and the HF Trainer use the wrapper unchanged.
+        optimizer: a ``torch.optim.Optimizer`` that reads dense gradients from ``p.grad`` (every
+            ``torch.optim`` optimizer but ``SparseAdam``, which is refused; ``LBFGS`` through
+            ``step(closure)``; see ``docs/optimizers.md``). Its parameters must be materialised
+            (meta-device parameters are refused). Its ``param_groups``, ``state``, ``defaults``
+            are shared, so LR schedulers, accelerate and the HF Trainer use the wrapper unchanged.
         task_key: how :meth:`task` finds a batch's task — a key/column name (default ``"task"``)
             or a callable ``batch -> label(s)``.
         method: a registered method name (``"sum"``, ``"mean"``, ``"normalize"``, ``"pcgrad"``...)
             or a callable ``(gram [K,K] float64, MethodContext) -> coefficients [K]``.
-        tasks: the task names, declared up front (fixed indices; an unknown label is an error).
-            ``None`` grows the list in order of first sight (single process only).
+        tasks: the task names, declared up front as a list (fixed indices; an unknown label is an
+            error). ``None`` grows the list in order of first sight (single process only). A name
+            is non-empty, has no ``/`` and is not ``total``, ``update`` or ``untagged`` (metric
+            keys, see ``docs/diagnostics.md``).
         estimator: ``"raw"`` (one buffer per task) or ``"split"`` (two buffers per task, alternate
             micro-batches, for the unbiased squared-norm and noise-scale estimates).
-        seed: seeds the generator handed to methods (PCGrad's random task order).
+        seed: an integer in ``[-2**63, 2**64)``; seeds the generator handed to methods (PCGrad's
+            random task order).
         nonfinite: what to do when a task's gradient holds NaN/Inf — ``"error"`` (raise
             :class:`NonFiniteGradientError`; parameters and optimizer state untouched),
-            ``"skip_task"`` (drop the task from this step's update), ``"skip_step"`` (no update,
-            gradients cleared).
+            ``"skip_task"`` (drop the task from this step's update; no step at all when no task
+            is finite), ``"skip_step"`` (no update, gradients cleared).
         mismatch_tol: tolerance on ``1 - cos²(p.grad, Σ captured)`` before ``step()`` raises
             :class:`GradientMismatchError` (p.grad changed by something other than a uniform
-            rescale, or stale buffers).
+            rescale, a forgotten ``zero_grad()``, or stale buffers); a finite number in ``[0, 1)``.
         on_step: optional callback receiving :meth:`diagnostics` after every step.
         sync: multi-process DDP only (see ``docs/distributed.md``) — ``"ddp"``: DDP all-reduced
             ``p.grad`` (the last micro-step ran with sync on, as in accelerate's
@@ -121,6 +179,13 @@ class BalancedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"estimator must be 'raw' or 'split', got {estimator!r}")
         if nonfinite not in ("error", "skip_task", "skip_step"):
             raise ValueError(f"nonfinite must be 'error', 'skip_task' or 'skip_step', got {nonfinite!r}")
+        _check_supported(optimizer)
+        mismatch_tol = _check_mismatch_tol(mismatch_tol)
+        seed = _check_seed(seed)
+        if not (isinstance(task_key, str) or callable(task_key)):
+            raise TypeError(f"task_key must be a key name (str) or a callable batch -> label(s), got {task_key!r}")
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step must be a callable receiving the diagnostics dict (or None), got {on_step!r}")
         self.optimizer = optimizer
         self.task_key = task_key
         self.registry = TaskRegistry(tasks)
@@ -144,9 +209,18 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._microbatches: dict[int, int] = {}
         self._diagnostics: dict[str, float] = {}
         self._hooks: list[Any] = []
+        self._pending: tuple[int, torch.Tensor | None] | None = None  # gradient parked by a tensor hook
+        self._grad_scaler: torch.amp.GradScaler | None = None
+        self._amp_token: object | None = None  # the scaler's per-iteration state when this step's first capture ran
+        self._unit = 1.0  # 1 / loss scale of the step being prepared (buffers hold loss-scaled gradients)
+        self._amp_scale: float | None = None  # loss scale handed over by GradScaler.step (unattached protocol)
         self._params: list[torch.Tensor] = []
         self._row_counts: dict[int, int] = {}
         self._synced: SyncResult | None = None
+        self._step_coef: dict[str, float] = {}  # this step's coefficients by task (closure re-evaluations)
+        self._frozen_coef: dict[str, float] | None = None  # set while a closure is re-evaluated
+        self._grad_left: float | None = None  # ‖p.grad‖ left by the last step (until zero_grad())
+        self._warned_untagged = False
         self._dist: SyncStrategy = detect_distributed(self._trainable(optimizer.param_groups), optimizer, sync)
         self._install(self._trainable(optimizer.param_groups))
 
@@ -197,6 +271,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         if self._microbatches or getattr(self, "buffers", None) is not None and self.buffers.used:
             raise RuntimeError("add_param_group in the middle of a step (gradients captured, step() not yet called)")
         seen = {id(p) for p in self._params}
+        self._check_hookable(new_params)
         for p in new_params:
             if id(p) in seen:
                 continue
@@ -204,22 +279,75 @@ class BalancedOptimizer(torch.optim.Optimizer):
             index = len(self._params)
             self._params.append(p)
             if self._dist.uses_hooks:
-                self._hooks.append(p.register_hook(self._make_hook(index)))
+                self._hooks.extend(self._register_hooks(p, index))
         # float32 buffers (exact sums of bf16/fp16 micro-batch gradients); float64 for float64 models
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
         self.buffers = FlatBuffers([self._dist.local(p) for p in self._params], dtype=dtype, order=_row_order)
         self._dist.setup(self.buffers, len(self.registry), self.registry.declared, self.estimator)
 
-    def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
-            row = self._active_row
-            if row is None:
-                row = self.buffers.row(_UNTAGGED)
-            elif row == _DISCARD:
-                return  # a task block whose label failed (multi-process: raised collectively at step())
-            self.buffers.add(row, index, grad)
+    def _register_hooks(self, p: torch.Tensor, index: int) -> list[Any]:
+        """Hook ``p`` so that every gradient ``backward()`` accumulates into ``p.grad`` is captured.
 
-        return hook
+        Two hooks per parameter, because neither alone sees exactly those gradients:
+
+        - a tensor hook (``register_hook``) sees the gradient of each backward but also those of
+          ``torch.autograd.grad(..., inputs=p)``, which never reach ``p.grad`` (gradient
+          penalties, a logged gradient norm). It only parks the gradient in a one-entry slot
+          (a reference, no copy; nothing at all when ``p.grad`` is ``None``, see below);
+        - a post-accumulate hook (``register_post_accumulate_grad_hook``) runs only after
+          autograd has accumulated into ``p.grad``, right after the tensor hook of the same
+          parameter (one autograd node runs both back to back). It adds the parked gradient
+          into the active task's row. When ``p.grad`` was ``None`` before this backward, the
+          gradient is read from ``p.grad`` itself: parking a reference would stop autograd from
+          stealing the gradient into ``p.grad`` and cost a copy on every first micro-batch.
+
+        Non-leaf parameters (``differentiable=True`` optimizers) have no ``p.grad`` accumulation
+        and no post-accumulate hook: :meth:`_check_hookable` refuses them first.
+        """
+        ref = weakref.ref(p)  # the hook lives on p: a strong reference would be a cycle through the wrapper
+
+        def park(grad: torch.Tensor) -> None:
+            param = ref()
+            self._pending = (index, None if param is None or param.grad is None else grad)
+
+        def capture(param: torch.Tensor) -> None:
+            pending, self._pending = self._pending, None
+            if pending is None or pending[0] != index:  # pragma: no cover - autograd runs both hooks back to back
+                logger.warning("gradient of parameter %d accumulated without its tensor hook; not captured", index)
+                return
+            grad = param.grad if pending[1] is None else pending[1]
+            if grad is not None:
+                self._capture(index, grad)
+
+        return [p.register_hook(park), p.register_post_accumulate_grad_hook(capture)]
+
+    @staticmethod
+    def _check_hookable(params: Sequence[torch.Tensor]) -> None:
+        """Refuse parameters whose accumulated gradients the hooks cannot see, before hooking any."""
+        for i, p in enumerate(params):
+            if not p.is_leaf:
+                raise ValueError(
+                    f"trainable parameter {i} (shape {tuple(p.shape)}) is not a leaf tensor (an optimizer built with "
+                    "differentiable=True over non-leaf tensors, or a tensor with retain_grad()?). balancedmix captures gradients where backward() "
+                    "accumulates them into p.grad, which non-leaf tensors do not have, and each in-place update "
+                    "gives them a new autograd node, so hooks would go stale after the first step. Wrap an "
+                    "optimizer over leaf parameters (differentiable=False), or use the plain optimizer."
+                )
+
+    def _capture(self, index: int, grad: torch.Tensor) -> None:
+        """Add one parameter's accumulated gradient into the active task's row (or the untagged row)."""
+        if self._grad_scaler is not None:
+            self._drop_if_stale()
+        row = self._active_row
+        if row is None:
+            row = self.buffers.row(_UNTAGGED)
+        elif row == _DISCARD:
+            return  # a task block whose label failed (multi-process: raised collectively at step())
+        if self._amp_token is None and self._grad_scaler is not None:
+            self._amp_token = self._scaler_token()
+        # detach: with backward(create_graph=True) the gradient carries a graph; the buffer holds values only
+        with torch.no_grad():
+            self.buffers.add(row, index, grad.detach())
 
     def remove_hooks(self) -> None:
         """Detach the gradient hooks (the wrapper then sees no gradient; call before discarding it)."""
@@ -246,7 +374,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def task(self, batch_or_name: Any) -> Iterator[str]:
         """Attribute every backward inside the block to one task.
 
-        ``batch_or_name`` is a task name or a batch (resolved with ``task_key``; a batch mixing
+        ``batch_or_name`` is a task name, a task index (``int``, ``numpy.int64``, a one-element
+        tensor; with a key ``task_key``) or a batch (resolved with ``task_key``; a batch mixing
         tasks raises :class:`~balancedmix.tasks.MixedTaskBatchError` — use :meth:`backward`).
         Each block counts as one micro-batch of that task. Yields the task name.
 
@@ -257,6 +386,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """
         if self._in_context:
             raise RuntimeError("opt.task(...) blocks cannot be nested")
+        if self._grad_scaler is not None:
+            self._drop_if_stale()
         try:
             name = resolve_task(batch_or_name, self.task_key, self.registry)
             index = self.registry.index(name)
@@ -304,6 +435,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the parameters' gradients (inner optimizer) and drop the captured task gradients."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._grad_left = None
         self._reset()
 
     def _reset(self) -> None:
@@ -311,6 +443,119 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._microbatches = {}
         self._row_counts = {}
         self._synced = None
+        self._pending = None
+        self._amp_token = None
+        self._amp_scale = None
+
+    # ------------------------------------------------------------------ torch.amp.GradScaler
+    def set_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Tell the wrapper which ``torch.amp.GradScaler`` scales the losses (``None`` to detach it).
+
+        The task buffers capture what backward produces, i.e. loss-scaled gradients, while the
+        scaler unscales ``p.grad`` only. With the scaler attached, ``step()`` divides the captured
+        gradients by the scaler's current scale: ``grad_norm/<task>``, the method's Gram matrix
+        (so ``normalize(target=...)``) and :meth:`captured_gradients` are in unscaled units,
+        ``grad_scale`` is the clip factor alone and ``loss_scale`` is logged. And a step the
+        scaler skips (overflow: ``scaler.step`` does not call ``step()``) leaves no stale buffers:
+        the first backward or :meth:`task` block after ``scaler.update()`` drops them, whether
+        the gradients were then cleared by ``opt.zero_grad()`` or ``model.zero_grad()`` (either
+        flavour of ``set_to_none``). Without an attached scaler, ``GradScaler.step`` hands the
+        scale over itself (see ``docs/diagnostics.md``), unless ``scaler.unscale_(opt)`` was called
+        first: then ``step()`` raises, asking for this call.
+        Use the usual loop::
+
+            opt.set_grad_scaler(scaler)
+            with opt.task(batch):
+                scaler.scale(loss).backward()
+            scaler.unscale_(opt)                      # optional: clip unscaled gradients
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+
+        ``BalancedGRPOTrainer`` attaches the accelerator's scaler itself.
+        """
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"set_grad_scaler needs a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        self._grad_scaler = scaler
+        self._amp_token = None
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The attached ``torch.amp.GradScaler`` (see :meth:`set_grad_scaler`), or ``None``."""
+        return self._grad_scaler
+
+    def _scaler_token(self) -> object:
+        # GradScaler.update() replaces its per-optimizer state dict: a new object means a new iteration
+        return self._grad_scaler._per_optimizer_states  # type: ignore[union-attr]
+
+    def _drop_if_stale(self) -> None:
+        """Drop the captures of an iteration whose step the GradScaler skipped (overflow)."""
+        if self._amp_token is not None and self._scaler_token() is not self._amp_token:
+            logger.info("GradScaler skipped the optimizer step (inf/NaN gradients); dropping its captured gradients")
+            self._reset()
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # read by GradScaler.step
+        # Without an attached scaler, ask GradScaler.step to always call step() and hand over the
+        # loss scale and the inf flag (``grad_scale`` / ``found_inf`` attributes), so a skipped step
+        # still drops its buffers and the buffers' scale is known. With one attached, keep the
+        # plain protocol (the scaler unscales p.grad and skips step() on overflow), which is what
+        # accelerate's ``step_was_skipped`` (the HF Trainer's LR scheduler) relies on.
+        return self._grad_scaler is None
+
+    def _amp_begin(self) -> bool:
+        """``GradScaler.step`` protocol for an unattached wrapper. Returns whether to step.
+
+        Called with ``found_inf`` set: overflow → drop the captures and skip (no inner step, the
+        step count unchanged, as the plain protocol never calls ``step()``). Else, with
+        ``grad_scale`` set (``unscale_`` not called), unscale ``p.grad`` exactly as the scaler
+        would and remember the scale for the buffers; with ``grad_scale`` unset (the user
+        called ``scaler.unscale_``) the scale is unknown: refuse, naming :meth:`set_grad_scaler`.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None or self._grad_scaler is not None:
+            return True
+        grad_scale = getattr(self, "grad_scale", None)
+        if float(found_inf) > 0:
+            self._reset()
+            self._diagnostics = {"step": float(self.num_steps), "amp_skipped": 1.0}
+            if grad_scale is not None:
+                self._diagnostics["loss_scale"] = float(grad_scale)
+            logger.info("GradScaler found inf/NaN gradients: step %d skipped, captured gradients dropped", self.num_steps)
+            return False
+        if grad_scale is None:
+            # the scaler deletes these after step() returns, not when it raises; the captures are
+            # kept, so that set_grad_scaler(scaler) and a second scaler.step(opt) finish the step
+            del self.found_inf, self.grad_scale
+            raise RuntimeError(
+                "a torch.amp.GradScaler unscaled the gradients (scaler.unscale_(opt)) before stepping this "
+                "BalancedOptimizer, which does not know the loss scale: the task gradients it captured are "
+                "loss-scaled. Attach the scaler once with opt.set_grad_scaler(scaler) (with accelerate: "
+                "opt.set_grad_scaler(accelerator.scaler)). Parameters were not updated."
+            )
+        # multi-process: agree on the step first (DDP sync="buffers" rebuilds p.grad from the
+        # loss-scaled buffers); the unscale below then applies to the global gradient
+        self.synchronize()
+        inv = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in self._params:
+            if p.grad is not None:
+                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for (device, _), grads in groups.items():
+            dummy = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, dummy, inv.to(device))
+        self._amp_scale = float(grad_scale)
+        return True
+
+    def _loss_unit(self) -> float:
+        """``1 / loss scale`` of the attached GradScaler (1.0 without one, disabled or never used)."""
+        if self._amp_scale is not None:
+            return 1.0 / self._amp_scale
+        sc = self._grad_scaler
+        if sc is None or not sc.is_enabled() or sc._scale is None:
+            return 1.0
+        return 1.0 / sc.get_scale()
 
     @torch.no_grad()
     def synchronize(self) -> None:
@@ -344,21 +589,40 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Compute diagnostics, apply the method to ``p.grad``, call the inner ``step``.
 
-        A ``closure`` is evaluated first (with grad enabled); its backward counts as untagged
-        unless it opens :meth:`task` blocks itself.
+        ``closure`` (a function that zeroes the gradients, runs the backward(s) — in
+        :meth:`task` blocks to be attributed, otherwise they count as untagged — and returns the
+        loss) is evaluated once by the wrapper, which corrects ``p.grad`` from it, and is then
+        passed to the inner ``step``: an optimizer that evaluates it once (SGD, Adam...) gets that
+        first result; one that evaluates it again (LBFGS) gets, at every later evaluation, the
+        gradients of that evaluation only, corrected with the *same* task coefficients (the
+        method runs once per step, at the step's starting point, so the direction is the gradient
+        of one fixed objective ``Σ_t c_t L_t``). :meth:`diagnostics` describe the first
+        evaluation and add ``closure_evaluations``. See ``docs/optimizers.md``.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._amp_begin():  # a GradScaler found inf/NaN: skip the step (see set_grad_scaler)
+            return loss
         for pre_hook in list(self._optimizer_step_pre_hooks.values()):
             pre_hook(self, (), {})
+        self._step_coef = {}
         try:
             run_inner = self._prepare_step()
         finally:
             self._reset()
+        self._grad_left = None
         if run_inner:
-            self.optimizer.step()
+            if closure is None:
+                self.optimizer.step()
+                self._grad_left = self._diagnostics.get("grad_norm/update")
+            else:
+                evaluate, calls = self._inner_closure(closure, loss)
+                self.optimizer.step(evaluate)
+                self._diagnostics["closure_evaluations"] = float(max(calls[0], 1))
+        elif closure is not None:
+            self._diagnostics["closure_evaluations"] = 1.0
         self.num_steps += 1
         for post_hook in list(self._optimizer_step_post_hooks.values()):
             post_hook(self, (), {})
@@ -366,9 +630,41 @@ class BalancedOptimizer(torch.optim.Optimizer):
             self.on_step(dict(self._diagnostics))
         return loss
 
+    def _inner_closure(self, closure: Callable[[], Any], first_loss: Any) -> tuple[Callable[[], Any], list[int]]:
+        """The closure handed to the inner step, and its call counter.
+
+        Its first call returns the evaluation :meth:`step` already made (``p.grad`` holds its
+        corrected gradient); every later call starts from empty task buffers, evaluates
+        ``closure`` and corrects ``p.grad`` with the coefficients of the step's first evaluation,
+        leaving :meth:`diagnostics` as they were.
+        """
+        calls = [0]
+        frozen = dict(self._step_coef)
+
+        def evaluate() -> Any:
+            calls[0] += 1
+            if calls[0] == 1:
+                return first_loss
+            self._reset()
+            with torch.enable_grad():
+                out = closure()
+            saved = self._diagnostics
+            self._frozen_coef = frozen
+            try:
+                with torch.no_grad():
+                    self._prepare_step()
+            finally:
+                self._frozen_coef = None
+                self._diagnostics = saved
+                self._reset()
+            return out
+
+        return evaluate, calls
+
     def _prepare_step(self) -> bool:
         """Everything before the inner step. Returns whether to run the inner step."""
         buf = self.buffers
+        self._unit = self._loss_unit()
         self.synchronize()
         assert self._synced is not None
         rows = self._synced.rows
@@ -377,8 +673,15 @@ class BalancedOptimizer(torch.optim.Optimizer):
             if any(p.grad is not None for p in self._params) and self.method_name != "sum":
                 raise GradientMismatchError(
                     "step() found gradients in p.grad but no backward was captured since the last step; "
-                    "gradients computed before the BalancedOptimizer was created (or written by hand) cannot be "
-                    f"corrected by method {self.method_name!r}. Call zero_grad() first."
+                    + (
+                        "p.grad most likely still holds the previous step's gradient (zero_grad() was not called "
+                        "after it). "
+                        if self._grad_left is not None
+                        else ""
+                    )
+                    + "Gradients from before the last step, from before the BalancedOptimizer was created or "
+                    f"written by hand cannot be corrected by method {self.method_name!r}. Call zero_grad() after "
+                    "every step() and before the first backward."
                 )
             return True
         n = len(buf.keys)
@@ -424,11 +727,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             scale = total_dot / total_sq
             cos2 = (total_dot * total_dot) / (total_sq * grad_sq_f) if grad_sq_f > 0 else 0.0
             if 1.0 - cos2 > self.mismatch_tol:
-                raise GradientMismatchError(
-                    f"p.grad is not a uniform rescale of the captured task gradients (cos² = {cos2:.6f}); p.grad was "
-                    "changed between backward and step (per-parameter clipping, manual edits) or zeroed without "
-                    "zero_grad() on the optimizer (e.g. model.zero_grad() mid-step). Parameters were not updated."
-                )
+                raise GradientMismatchError(self._mismatch_message(cos2, grad_sq_f, total_dot, total_sq))
         else:
             scale = 1.0
             if grad_sq_f > 0:
@@ -447,7 +746,56 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._diagnostics = self._compute_diagnostics(
             names, task_ids, task_rows, untagged_row, row_gram, gram_ext, coef_ext, scale, grad_sq_f
         )
+        if not k:
+            self._untagged_only()
         return True
+
+    def _untagged_only(self) -> None:
+        """Every gradient of the step was untagged: say so in the diagnostics, warn once."""
+        self._diagnostics["untagged_only"] = 1.0
+        if self._warned_untagged or self._frozen_coef is not None:
+            return
+        self._warned_untagged = True
+        message = (
+            f"step {self.num_steps}: every gradient of the step was captured outside an opt.task(...) block "
+            f"('untagged'), so no per-task figure was measured"
+            + ("" if self.method_name == "sum" else f" and method {self.method_name!r} corrected nothing")
+            + ". "
+            "Run loss.backward() inside the `with opt.task(...):` block (a backward after the block has closed is "
+            "untagged), or use opt.backward({task: loss}). Diagnostics carry untagged_only = 1 for such steps; "
+            "this warning is shown once."
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=5)  # the caller of step() (past no_grad)
+
+    def _mismatch_message(self, cos2: float, grad_sq: float, total_dot: float, total_sq: float) -> str:
+        """Why ``p.grad`` is not a uniform rescale of the captured total ``C``: the likely cause first.
+
+        ``‖p.grad − C‖`` equal to the norm the previous step left in ``p.grad`` means that
+        gradient is still there (no ``zero_grad()``); ``‖p.grad‖ > ‖C‖`` means gradient reached
+        ``p.grad`` past the hooks; otherwise ``p.grad`` lost or changed part of ``C``.
+        """
+        head = f"p.grad is not a uniform rescale of the captured task gradients (cos² = {cos2:.6f}): "
+        tail = " Parameters and optimizer state were not updated; call zero_grad() and continue."
+        residual = math.sqrt(max(grad_sq - 2.0 * total_dot + total_sq, 0.0))
+        left = self._grad_left
+        if left is not None and left > 0 and abs(residual - left) <= 1e-2 * left:
+            return head + (
+                f"p.grad still holds the previous step's gradient (‖p.grad − captured‖ = {residual:.6g} = the norm "
+                "left by the last step): zero_grad() was not called after the previous step, so p.grad accumulated "
+                "across steps. Call opt.zero_grad() (or model.zero_grad()) after every step()." + tail
+            )
+        if grad_sq > total_sq * (1.0 + 1e-3):
+            return head + (
+                f"p.grad holds gradient the wrapper's hooks did not capture (‖p.grad‖ = {math.sqrt(grad_sq):.6g} > "
+                f"‖captured‖ = {math.sqrt(total_sq):.6g}): most likely zero_grad() was not called after the previous "
+                "step (or before the first backward), or p.grad was written by hand." + tail
+            )
+        return head + (
+            "p.grad was changed between backward and step by something other than a uniform rescale (per-element "
+            "clipping such as clip_grad_value_, manual edits) or zeroed mid-step without zero_grad() on the optimizer "
+            "(e.g. model.zero_grad() between micro-batches)." + tail
+        )
 
     @staticmethod
     def _group_rows(groups: Sequence[Sequence[int]], n: int) -> torch.Tensor:
@@ -461,9 +809,12 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """The method's coefficients for the ``K = len(names)`` tasks (the first K entries of
         ``gram_ext``), and the same extended with 1 for the untagged entry if ``gram_ext`` has it."""
         k = len(names)
-        if k:
+        if k and self._frozen_coef is not None:  # a closure re-evaluation: the step's coefficients
+            coef = torch.tensor([self._frozen_coef.get(name, 1.0) for name in names], dtype=torch.float64)
+        elif k:
             ctx = MethodContext(tasks=tuple(names), step=self.num_steps, generator=self.generator)
             coef = check_coefficients(self.method(gram_ext[:k, :k].clone(), ctx), names, self.method_name)
+            self._step_coef.update(zip(names, coef.tolist()))
         else:
             coef = torch.zeros(0, dtype=torch.float64)
         return coef, torch.cat([coef, torch.ones(gram_ext.shape[0] - k, dtype=torch.float64)])
@@ -493,6 +844,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
                     g = grad[start:stop].to(buf.dtype)
                     grad_dots += (block @ g).to(torch.float64)
                     grad_sq += torch.dot(g, g).to(torch.float64)
+        if self._unit != 1.0:  # loss-scaled buffers (GradScaler): report and correct in unscaled units
+            row_gram *= self._unit * self._unit
+            grad_dots *= self._unit
         return row_gram, grad_dots, grad_sq
 
     def _add_to_grads(self, weights: torch.Tensor, rebuild: bool) -> None:
@@ -502,7 +856,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         is several times faster than ``block.T @ w`` on wide slices such as an embedding.
         """
         buf = self.buffers
-        w = weights.to(device=buf.data.device, dtype=buf.dtype)
+        w = (weights * self._unit).to(device=buf.data.device, dtype=buf.dtype)  # weights apply to unscaled rows
         for i, p in enumerate(self._params):
             if p.grad is None:
                 continue
@@ -546,15 +900,20 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 bad,
             )
         logger.warning("step %d: NaN/Inf gradient in task(s) %s; policy %s", self.num_steps, bad, self.nonfinite)
-        if self.nonfinite == "skip_step":
+        good_ids = [t for t in task_ids if self.registry.name(t) not in bad]
+        good_names = [self.registry.name(t) for t in good_ids]
+        self._step_coef.update((name, 0.0) for name in bad if name != UNTAGGED)
+        if self.nonfinite == "skip_step" or not good_ids:
+            # skip_task with no finite task left is no step at all (not a step on a zero or
+            # untagged-only gradient, which would still move AdamW's moments and parameters)
             buf.zero_rows(bad_rows)
             for p in self._params:
                 p.grad = None
+            self._diagnostics["step_skipped"] = 1.0
             return False
+        self._diagnostics["step_skipped"] = 0.0
         # skip_task: rebuild p.grad from the finite tasks with the method's coefficients (scale 1: a
         # clip of a NaN total is NaN, so no scale can be recovered from p.grad).
-        good_ids = [t for t in task_ids if self.registry.name(t) not in bad]
-        good_names = [self.registry.name(t) for t in good_ids]
         buf.zero_rows(bad_rows)
         n = len(buf.keys)
         row_gram, no_dots, no_sq = self._row_stats(with_grads=False)
@@ -616,6 +975,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         out["grad_norm/total"] = math.sqrt(max(float(gram_ext.sum()), 0.0))
         out["grad_norm/update"] = abs(scale) * math.sqrt(max(float(stats.combined_sqnorm(gram_ext, coef_ext)), 0.0))
         out["grad_scale"] = float(scale)
+        if self._grad_scaler is not None or self._amp_scale is not None:
+            out["loss_scale"] = 1.0 / self._unit
         if self.estimator == "split":
             for t, name in zip(task_ids, names):
                 m = self._microbatches.get(t, 0)
@@ -650,6 +1011,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """
         buf = self.buffers
         rows = buf.finish()
+        unit = self._loss_unit()
         out: dict[str, torch.Tensor] = {}
         for r in rows:
             key = buf.keys[r]
@@ -658,6 +1020,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 out[name] += buf.data[r]
             else:
                 out[name] = buf.data[r].clone()
+        if unit != 1.0:
+            for t in out.values():
+                t.mul_(unit)
         return out
 
     def diagnostics(self) -> dict[str, float]:
@@ -670,8 +1035,12 @@ class BalancedOptimizer(torch.optim.Optimizer):
         ``cos/<a>/<b>``, ``grad_norm/total`` (norm of the plain summed gradient, pre-clip),
         ``grad_norm/update`` (norm of the gradient handed to the inner optimizer),
         ``grad_scale`` (uniform rescale detected on p.grad, 1.0 without clipping),
-        ``num_microbatches/<task>``, ``buffer_bytes``, ``step``. Tasks absent from the step have
-        only ``num_microbatches/<task> = 0``.
+        ``num_microbatches/<task>``, ``buffer_bytes``, ``step``; with a ``torch.amp.GradScaler``
+        ``loss_scale`` (every figure above is in unscaled units) and ``amp_skipped`` (see
+        :meth:`set_grad_scaler`); when they apply, ``nonfinite/<task>`` and ``step_skipped``
+        (NaN/Inf policies), ``untagged_only`` (every gradient was captured outside :meth:`task`:
+        nothing measured per task, nothing corrected) and ``closure_evaluations``
+        (``step(closure)``). Tasks absent from the step have only ``num_microbatches/<task> = 0``.
         """
         return dict(self._diagnostics)
 
@@ -691,8 +1060,20 @@ class BalancedOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Load a :meth:`state_dict`: the inner optimizer's state, then the task registry, step
+        count, generator and method state.
+
+        Raises :class:`~balancedmix.tasks.TaskError` (saved task list differs from the declared
+        one, or holds an invalid name) or the method's error for its state before anything is
+        changed, the inner optimizer included. A state dict without the ``"balancedmix"`` entry
+        (a plain optimizer's) loads the inner state only, with a warning.
+        """
         sd = dict(state_dict)
         own = sd.pop("balancedmix", None)
+        if own is not None:  # check the wrapper's part first: a mismatch must leave the inner state as it was
+            copy.deepcopy(self.registry).load_state_dict(own["tasks"])
+            if own.get("method") is not None and hasattr(self.method, "load_state_dict"):
+                copy.deepcopy(self.method).load_state_dict(own["method"])
         self.optimizer.load_state_dict(sd)
         if own is None:
             logger.warning("loading a state dict without balancedmix state: task registry and step count kept")
