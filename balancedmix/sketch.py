@@ -278,13 +278,16 @@ def delta_standard_errors(fn: Callable[[torch.Tensor], torch.Tensor], gram: torc
     ``Var f(Ĝ) ≈ ∇f · Cov(Ĝ) · ∇f`` with :func:`gram_covariance`, which contracts to
     ``(⟨J, G J G⟩ + ⟨J, G Jᵀ G⟩) / d`` per output (``J = ∂f/∂G``), so the ``R⁴`` covariance is
     never formed. ``gram`` is evaluated as given (plug-in). Returns a float64 vector shaped like
-    ``fn(gram)`` (flattened); NaN where ``fn`` is not differentiable there.
+    ``fn(gram)`` (flattened); non-finite derivatives (at a zero row) count as 0.
     """
     g = gram.detach().to(torch.float64)
     value = fn(g).reshape(-1)
     if value.numel() == 0:
         return value
     jac = torch.autograd.functional.jacobian(lambda x: fn(x).reshape(-1), g)  # [n, R, R]
+    # A zero row (a task with an all-zero gradient: its sketch is exactly 0, without error) makes
+    # sqrt's backward 0/0 = NaN in every output's Jacobian; those entries are 0.
+    jac = torch.nan_to_num(jac, nan=0.0, posinf=0.0, neginf=0.0)
     first = torch.einsum("nab,ac,nce,eb->n", jac, g, jac, g)
     second = torch.einsum("nab,ae,nce,cb->n", jac, g, jac, g)
     var = (first + second) / dim

@@ -196,6 +196,20 @@ def test_delta_method_reproduces_the_closed_form_variances():
     torch.testing.assert_close(delta_standard_errors(fn, gram, d), full.diagonal().sqrt())
 
 
+def test_a_zero_task_gradient_gets_zero_standard_errors_and_leaves_the_others_finite():
+    gram = torch.tensor([[0.0, 0, 0], [0, 4, 1], [0, 1, 2]], dtype=torch.float64)
+
+    def fn(g):
+        cos = stats.cosines(g)
+        return torch.cat([stats.norms(g), stats.update_shares(g), torch.stack([cos[0, 1], cos[1, 2]])])
+
+    se = delta_standard_errors(fn, gram, 100)
+    assert torch.isfinite(se).all()
+    assert se[0] == 0 and se[3] == 0 and se[6] == 0  # the zero task's norm, share and cosine
+    # task 1's norm: SE(‖a‖) = SE(‖a‖²) / (2‖a‖) = sqrt(2/d) ‖a‖ / 2
+    assert float(se[1]) == pytest.approx(math.sqrt(2 / 100) * 2 / 2)
+
+
 def test_predicted_standard_errors_of_norms_cosines_and_shares_match_monte_carlo():
     g = torch.Generator().manual_seed(4)
     n, dim, keys = 3000, 64, 600
