@@ -35,9 +35,66 @@ import torch
 from .buffers import FlatBuffers, RowKey
 from .sketch import CountSketch, delta_standard_errors, global_starts
 
-__all__ = ["ExactStorage", "SketchStorage", "GradientStorage", "make_storage"]
+__all__ = ["ExactStorage", "LaggedExactStorage", "LaggedCoefficients", "SketchStorage", "GradientStorage", "make_storage"]
 
 GradList = Sequence["torch.Tensor | None"]
+
+
+class LaggedCoefficients:
+    """The lagged half of the interface: coefficients set at one step scale the next step's gradients.
+
+    Mixed into a storage that cannot (sketch) or must not (a measured subset: the other
+    parameters' gradients are not kept) write the correction into ``p.grad`` at ``step()``.
+    The hook asks :meth:`hook_scale` and hands autograd ``c · grad``; :meth:`combine` keeps
+    the new coefficients and returns the ones this step's update carries. A row key without a
+    coefficient (first step, first sight of a task) gets 1; a task absent from a step keeps its
+    last one.
+    """
+
+    lagged = True
+    can_rebuild = False
+    keys: list[RowKey]
+    used: set[int]
+
+    def _init_lag(self) -> None:
+        self._coef: dict[RowKey, float] = {}
+
+    def hook_scale(self, row: int | None) -> float:
+        """The lagged coefficient of ``row`` (``None``: untagged, 1): the hook hands ``c · grad`` to autograd."""
+        return 1.0 if row is None else self._coef.get(self.keys[row], 1.0)
+
+    def applied(self) -> torch.Tensor:
+        """The lagged coefficient each row's gradient carries in ``p.grad`` this step."""
+        return torch.tensor([self._coef.get(k, 1.0) for k in self.keys], dtype=torch.float64)
+
+    def combine(self, coef: torch.Tensor, scale: float, grads: GradList, rebuild: bool = False) -> torch.Tensor:
+        """Keep ``coef`` for the next step's hooks; ``p.grad`` is left as it is.
+
+        Returns the coefficients this step's update carries (those set at the previous step).
+        Rows not in this step keep their last coefficient (1 until a first one is set).
+        """
+        if rebuild:
+            raise ValueError(
+                f"a {self.kind} storage applies corrections through the next step's hooks: it cannot rebuild p.grad now "
+                "(nonfinite='skip_task')"
+            )
+        applied = self.applied()
+        coef = coef.to(torch.float64)
+        if coef.numel() != len(self.keys):
+            raise ValueError(f"combine() got {coef.numel()} coefficients for {len(self.keys)} rows")
+        for r in sorted(self.used):
+            self._coef[self.keys[r]] = float(coef[r])
+        return applied
+
+    def set_coefficients(self, coefficients: dict[RowKey, float]) -> None:
+        """Set the lagged coefficients directly (``{row key: c}``; tests, resume)."""
+        self._coef = {k: float(v) for k, v in coefficients.items()}
+
+    def _lag_state(self) -> list[list[Any]]:
+        return [[list(k) if isinstance(k, tuple) else k, v] for k, v in self._coef.items()]
+
+    def _load_lag_state(self, items: list[list[Any]]) -> None:
+        self._coef = {tuple(k) if isinstance(k, list) else k: float(v) for k, v in items}
 
 
 class ExactStorage(FlatBuffers):
@@ -48,6 +105,8 @@ class ExactStorage(FlatBuffers):
     lagged = False
     #: combine(..., rebuild=True) can write p.grad from the rows alone
     can_rebuild = True
+    #: the rows are gradients (captured_gradients() can return them)
+    holds_gradients = True
 
     def applied(self) -> torch.Tensor:
         """Coefficient of each row in ``p.grad`` now: 1 (hooks never scale an exact row's gradient)."""
@@ -131,7 +190,29 @@ class ExactStorage(FlatBuffers):
         _check_kind(state, self.kind)
 
 
-class SketchStorage:
+class LaggedExactStorage(LaggedCoefficients, ExactStorage):
+    """Exact rows of a measured *subset* of the parameters; the correction acts one step late.
+
+    The figures are exact for the subset. The coefficients they give are applied to every
+    parameter through the gradient hooks at the next step (the gradients of the parameters
+    outside the subset are not kept, so they cannot be corrected at ``step()``).
+    """
+
+    kind = "exact_subset"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_lag()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "coefficients": self._lag_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_kind(state, self.kind)
+        self._load_lag_state(state["coefficients"])
+
+
+class SketchStorage(LaggedCoefficients):
     """One CountSketch ``[d]`` per row; the correction is applied by the hooks one step later.
 
     Args:
@@ -150,8 +231,7 @@ class SketchStorage:
     """
 
     kind = "sketch"
-    lagged = True
-    can_rebuild = False
+    holds_gradients = False
 
     def __init__(
         self,
@@ -181,7 +261,7 @@ class SketchStorage:
         self.dirty: set[int] = set()
         self.period = 0  # counts reset()s: the hash key of the current accumulation period
         self._key = self.sketcher.key(0)
-        self._coef: dict[RowKey, float] = {}  # lagged coefficient per row key (absent: 1)
+        self._init_lag()  # lagged coefficient per row key (absent: 1)
 
     # ---------------------------------------------------------------- rows (FlatBuffers' API)
     def row(self, key: RowKey) -> int:
@@ -256,10 +336,6 @@ class SketchStorage:
         self.sketcher.add_(self.data[row], grad, self.starts[param_index], self._key)
         self.used.add(row)
 
-    def hook_scale(self, row: int | None) -> float:
-        """The lagged coefficient of ``row`` (``None``: untagged, 1): the hook hands ``c · grad`` to autograd."""
-        return 1.0 if row is None else self._coef.get(self.keys[row], 1.0)
-
     def sketch_grads(self, grads: GradList) -> torch.Tensor:
         """``S(p.grad)`` (float64 ``[d]``) of the rank-local gradients, with this period's hash."""
         out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
@@ -282,37 +358,13 @@ class SketchStorage:
         sg = self.sketch_grads(grads)
         return row_gram, rows @ sg, sg @ sg
 
-    def applied(self) -> torch.Tensor:
-        """The lagged coefficient each row's gradient carries in ``p.grad`` this step."""
-        return torch.tensor([self._coef.get(k, 1.0) for k in self.keys], dtype=torch.float64)
-
-    def combine(self, coef: torch.Tensor, scale: float, grads: GradList, rebuild: bool = False) -> torch.Tensor:
-        """Keep ``coef`` for the next step's hooks; ``p.grad`` is left as it is.
-
-        Returns the coefficients this step's update carries (those set at the previous step).
-        Rows not in this step keep their last coefficient (1 until a first one is set).
-        """
-        if rebuild:
-            raise ValueError("a sketch storage holds no gradients: it cannot rebuild p.grad (nonfinite='skip_task')")
-        applied = self.applied()
-        coef = coef.to(torch.float64)
-        if coef.numel() != len(self.keys):
-            raise ValueError(f"combine() got {coef.numel()} coefficients for {len(self.keys)} rows")
-        for r in sorted(self.used):
-            self._coef[self.keys[r]] = float(coef[r])
-        return applied
-
-    def set_coefficients(self, coefficients: dict[RowKey, float]) -> None:
-        """Set the lagged coefficients directly (``{row key: c}``; tests, resume)."""
-        self._coef = {k: float(v) for k, v in coefficients.items()}
-
     def standard_errors(self, fn: Callable[[torch.Tensor], torch.Tensor], row_gram: torch.Tensor) -> torch.Tensor | None:
         """Standard errors of the figures ``fn(row_gram)`` from the sketch (delta method, plug-in)."""
         return delta_standard_errors(fn, row_gram, self.dim)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "dim": self.dim, "seed": self.sketcher.seed, "period": self.period,
-                "coefficients": [[list(k) if isinstance(k, tuple) else k, v] for k, v in self._coef.items()]}
+                "coefficients": self._lag_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_kind(state, self.kind)
@@ -323,10 +375,10 @@ class SketchStorage:
             )
         self.period = int(state["period"])
         self._key = self.sketcher.key(self.period)
-        self._coef = {tuple(k) if isinstance(k, list) else k: float(v) for k, v in state["coefficients"]}
+        self._load_lag_state(state["coefficients"])
 
 
-GradientStorage = Union[ExactStorage, SketchStorage]
+GradientStorage = Union[ExactStorage, LaggedExactStorage, SketchStorage]
 """Either storage; both offer the interface described in this module's docstring."""
 
 
@@ -337,13 +389,18 @@ def make_storage(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     order: Callable[[RowKey], Any] | None = None,
+    subset: bool = False,
 ) -> GradientStorage:
     """Exact rows (``sketch_dim=None``) or sketches of ``sketch_dim`` values per row.
 
-    ``params`` are the parameters as the optimizer holds them (DTensors under FSDP2: their global
-    shapes and shard offsets give the sketch's coordinates), ``local`` their rank-local tensors.
+    ``params`` are the measured parameters as the optimizer holds them (DTensors under FSDP2:
+    their global shapes and shard offsets give the sketch's coordinates), ``local`` their
+    rank-local tensors. ``subset``: they are a strict subset of the trained parameters, so exact
+    rows too must correct through the next step's hooks (:class:`LaggedExactStorage`).
     """
     if sketch_dim is None:
+        if subset:
+            return LaggedExactStorage(local, dtype=dtype, order=order)
         return ExactStorage(local, dtype=dtype, order=order)
     return SketchStorage(local, sketch_dim, seed=seed, dtype=dtype, order=order, starts=global_starts(params))
 

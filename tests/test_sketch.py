@@ -354,3 +354,26 @@ def test_exact_combine_with_unit_coefficients_leaves_p_grad_bit_identical():
     before = grad.clone()
     store.combine(torch.ones(1), 0.7, [grad])
     assert torch.equal(grad, before)
+
+
+def test_lagged_exact_storage_keeps_exact_rows_and_defers_the_correction_to_the_hooks():
+    from balancedmix.storage import LaggedExactStorage, make_storage
+
+    params = [torch.zeros(4, dtype=torch.float64)]
+    store = make_storage(params, params, None, dtype=torch.float64, order=lambda k: k, subset=True)
+    assert isinstance(store, LaggedExactStorage) and store.lagged and store.holds_gradients and not store.can_rebuild
+    a = store.row("a")
+    store.add(a, 0, torch.ones(4, dtype=torch.float64))
+    store.finish()
+    grad = torch.ones(4, dtype=torch.float64)
+    applied = store.combine(torch.tensor([3.0]), 1.0, [grad])
+    assert torch.equal(grad, torch.ones(4, dtype=torch.float64))  # p.grad untouched now
+    assert applied.tolist() == [1.0] and store.hook_scale(a) == 3.0  # the hooks scale next step
+    row_gram, _, _ = store.row_stats(None)
+    assert row_gram.tolist() == [[4.0]]  # exact
+    other = make_storage(params, params, None, dtype=torch.float64, order=lambda k: k, subset=True)
+    other.load_state_dict(store.state_dict())
+    other.row("a")
+    assert other.hook_scale(0) == 3.0
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        store.combine(torch.ones(1), 1.0, [grad], rebuild=True)
