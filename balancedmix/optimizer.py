@@ -45,7 +45,7 @@ from .distributed import detect as detect_distributed
 from .methods import MethodContext, MethodSpec, check_coefficients, make_method
 from .tasks import TaskError, TaskKey, TaskRegistry, resolve_task
 
-__all__ = ["BalancedOptimizer", "NonFiniteGradientError", "GradientMismatchError"]
+__all__ = ["BalancedOptimizer", "NonFiniteGradientError", "GradientMismatchError", "ParametersChangedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,59 @@ class GradientMismatchError(RuntimeError):
     """``p.grad`` no longer equals (a uniform rescale of) the sum of the captured gradients."""
 
 
+class ParametersChangedError(RuntimeError):
+    """The optimizer's trainable parameters changed while this step's gradients were being captured,
+    or this wrapper was replaced by a newer one built on the same parameters.
+
+    Raised before anything is changed: parameters and optimizer state are as they were.
+    """
+
+
+# id(param) -> (weakref to the param, weakref to the BalancedOptimizer hooking it): one live wrapper
+# per parameter, so a rebuilt wrapper replaces the old one instead of stacking hooks on top of it
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _forget_param(key: int) -> Callable[[Any], None]:
+    def callback(_: Any) -> None:
+        _OWNERS.pop(key, None)
+
+    return callback
+
+
+def _owner_of(p: torch.Tensor) -> BalancedOptimizer | None:
+    entry = _OWNERS.get(id(p))
+    if entry is None or entry[0]() is not p:
+        return None
+    return entry[1]()
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    """Finalizer of a collected wrapper: detach its hooks (the list is shared with the wrapper)."""
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
+class _HookTrampoline:
+    """A hook on a parameter that holds only a weak reference to the wrapper, so parameters never
+    keep it alive. ``kind`` 0 is the tensor hook (called with the gradient), 1 the post-accumulate
+    hook (called with the parameter); see :meth:`BalancedOptimizer._make_hooks`."""
+
+    __slots__ = ("ref", "index", "kind")
+
+    def __init__(self, ref: weakref.ref, index: int, kind: int) -> None:
+        self.ref = ref
+        self.index = index
+        self.kind = kind
+
+    def __call__(self, arg: torch.Tensor) -> Any:
+        owner = self.ref()
+        if owner is None:
+            return None
+        return owner._hook_fns[self.index][self.kind](arg)
+
+
 class BalancedOptimizer(torch.optim.Optimizer):
     """Wrap ``optimizer``; attribute every backward to a task; correct the update at ``step()``.
 
@@ -152,8 +205,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
             ``accumulate()``); ``"buffers"``: every micro-step ran under ``no_sync``, so ``p.grad``
             is local and is rebuilt from the all-reduced task buffers (cheaper: one collective);
             ``"auto"`` (default): told apart at each step by comparing ``p.grad`` across ranks.
-            The setting (single process, DDP, FSDP2) is detected when the wrapper is built; a
-            multi-process run needs ``tasks`` declared.
+            The setting (single process, DDP, FSDP2) is detected when the wrapper is built, and
+            again when the optimizer's trainable parameters change between steps (accelerate's
+            ``prepare`` under FSDP2, staged unfreezing, a new group): the hooks follow them
+            (:class:`ParametersChangedError` if they change mid-step). A multi-process run needs
+            ``tasks`` declared. One wrapper per parameter: a new one replaces an older one.
         **method_options: passed to the registered method's factory.
     """
 
@@ -209,20 +265,27 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._microbatches: dict[int, int] = {}
         self._diagnostics: dict[str, float] = {}
         self._hooks: list[Any] = []
-        self._pending: tuple[int, torch.Tensor | None] | None = None  # gradient parked by a tensor hook
+        self._parked: tuple[int, torch.Tensor | None] | None = None  # gradient parked by a tensor hook
         self._grad_scaler: torch.amp.GradScaler | None = None
         self._amp_token: object | None = None  # the scaler's per-iteration state when this step's first capture ran
         self._unit = 1.0  # 1 / loss scale of the step being prepared (buffers hold loss-scaled gradients)
         self._amp_scale: float | None = None  # loss scale handed over by GradScaler.step (unattached protocol)
+        self._hook_fns: list[tuple[Callable[[torch.Tensor], None], Callable[[torch.Tensor], None]]] = []
         self._params: list[torch.Tensor] = []
+        self._param_ids: frozenset[int] = frozenset()
+        self._frozen_ids: frozenset[int] = frozenset()
+        self._signature: tuple[int, ...] = ()
+        self._replaced_by: str | None = None
+        self._sync_mode = sync
         self._row_counts: dict[int, int] = {}
         self._synced: SyncResult | None = None
         self._step_coef: dict[str, float] = {}  # this step's coefficients by task (closure re-evaluations)
         self._frozen_coef: dict[str, float] | None = None  # set while a closure is re-evaluated
         self._grad_left: float | None = None  # ‖p.grad‖ left by the last step (until zero_grad())
         self._warned_untagged = False
-        self._dist: SyncStrategy = detect_distributed(self._trainable(optimizer.param_groups), optimizer, sync)
-        self._install(self._trainable(optimizer.param_groups))
+        self._weakself = weakref.ref(self)
+        weakref.finalize(self, _remove_handles, self._hooks)
+        self._install()
 
     # ------------------------------------------------------------------ delegation
     @property
@@ -259,34 +322,155 @@ class BalancedOptimizer(torch.optim.Optimizer):
         raise TypeError("BalancedOptimizer cannot be pickled (it holds autograd hooks); save state_dict() instead")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer and hook its parameters (between steps only).
+
+        Raises:
+            ParametersChangedError: gradients of the current step were already captured; the
+                inner optimizer is left unchanged (add the group after ``step()``/``zero_grad()``).
+        """
+        if self._replaced_by is not None:
+            raise ParametersChangedError(self._replaced_by)
+        if self._pending():
+            raise ParametersChangedError(
+                "add_param_group in the middle of a step (gradients captured, step() not called yet): the new group "
+                "was not added; add it after step() or zero_grad()"
+            )
+        params = param_group.get("params", [])
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        self._check_hookable([q for q in params if q.requires_grad])  # before the inner optimizer takes the group
         self.optimizer.add_param_group(param_group)
-        self._install(self._trainable([self.optimizer.param_groups[-1]]))
+        self._install()
 
     # ------------------------------------------------------------------ hooks and buffers
     @staticmethod
     def _trainable(groups: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
         return [p for g in groups for p in g["params"] if p.requires_grad]
 
-    def _install(self, new_params: list[torch.Tensor]) -> None:
-        if self._microbatches or getattr(self, "buffers", None) is not None and self.buffers.used:
-            raise RuntimeError("add_param_group in the middle of a step (gradients captured, step() not yet called)")
-        seen = {id(p) for p in self._params}
-        self._check_hookable(new_params)
-        for p in new_params:
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            index = len(self._params)
-            self._params.append(p)
-            if self._dist.uses_hooks:
-                self._hooks.extend(self._register_hooks(p, index))
-        # float32 buffers (exact sums of bf16/fp16 micro-batch gradients); float64 for float64 models
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
-        self.buffers = FlatBuffers([self._dist.local(p) for p in self._params], dtype=dtype, order=_row_order)
-        self._dist.setup(self.buffers, len(self.registry), self.registry.declared, self.estimator)
+    def _current_signature(self) -> tuple[int, ...]:
+        # ids of the trainable parameters, in order. self._params holds the hooked tensors alive, so an
+        # equal tuple means the very same tensors (no id reuse); O(number of parameter tensors).
+        return tuple(id(p) for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad)
 
-    def _register_hooks(self, p: torch.Tensor, index: int) -> list[Any]:
-        """Hook ``p`` so that every gradient ``backward()`` accumulates into ``p.grad`` is captured.
+    def _pending(self) -> bool:
+        """Gradients of the current step were captured (or a task block is open)."""
+        buffers = getattr(self, "buffers", None)
+        return bool(self._in_context or self._microbatches or (buffers is not None and buffers.used))
+
+    def _check_parameters(self, where: str) -> None:
+        """Follow the optimizer's parameters: re-detect and re-hook if they changed since the install.
+
+        Called at the first ``task()`` of a step, by :meth:`synchronize` and by :meth:`refresh`.
+        Between steps (nothing captured) the wrapper re-installs on the new parameters; with
+        captured gradients pending it raises :class:`ParametersChangedError` instead.
+        """
+        if self._replaced_by is not None:
+            raise ParametersChangedError(self._replaced_by)
+        signature = self._current_signature()
+        if signature == self._signature:
+            return
+        what = self._describe_change(signature)
+        if self._pending():
+            raise ParametersChangedError(
+                f"the optimizer's trainable parameters changed during this step ({what}), detected at "
+                f"{where}: the gradients captured so far belong to the old parameters. Nothing was updated. Change "
+                "param_groups or requires_grad between steps only; call zero_grad() and run the step again (the "
+                "wrapper then hooks the new parameters)."
+            )
+        self._reset()
+        previous = self._dist.kind
+        self._install()
+        had_grad = [p for p in self._params if p.grad is not None]
+        logger.info(
+            "BalancedOptimizer re-installed on the optimizer's new parameters (%s); engine %s -> %s",
+            what, previous, self._dist.kind,
+        )
+        if where == "synchronize()/step()" and had_grad:
+            raise ParametersChangedError(
+                f"the optimizer's trainable parameters changed before this step's backward ({what}), so its "
+                "gradients were not captured (detected at step()). Nothing was updated. The wrapper now hooks the new "
+                "parameters: call zero_grad() and run the step again. Open a task block (opt.task) before the first "
+                "backward after changing param_groups/requires_grad, or call opt.refresh()."
+            )
+
+    def _describe_change(self, signature: tuple[int, ...]) -> str:
+        old_ids, new_ids = self._param_ids, set(signature)
+        in_groups = {id(p): p for g in self.optimizer.param_groups for p in g["params"]}
+        appeared = new_ids - old_ids
+        unfrozen = appeared & self._frozen_ids
+        swapped = appeared - unfrozen
+        gone = old_ids - new_ids
+        frozen = {i for i in gone if i in in_groups and not in_groups[i].requires_grad}
+        removed = gone - frozen
+        what = []
+        if swapped:
+            what.append(
+                f"{len(swapped)} new tensor(s) in param_groups (swapped, e.g. by accelerate's prepare under FSDP2, or a "
+                "group added to the inner optimizer)"
+            )
+        if removed:
+            what.append(f"{len(removed)} hooked tensor(s) no longer in param_groups")
+        if unfrozen:
+            what.append(f"{len(unfrozen)} parameter(s) got requires_grad=True after the wrapper was built")
+        if frozen:
+            what.append(f"{len(frozen)} parameter(s) got requires_grad=False")
+        return "; ".join(what) or "the order of the parameters in param_groups changed"
+
+    def refresh(self) -> None:
+        """Check now that the hooked parameters are still the optimizer's (see :meth:`_check_parameters`).
+
+        Call it after anything that may replace ``param_groups`` (``accelerator.prepare``) if you
+        need ``distributed`` to be up to date before the next ``task()`` block (which checks
+        anyway). Raises :class:`ParametersChangedError` if they changed with gradients pending.
+        """
+        self._check_parameters("refresh()")
+
+    def _install(self) -> None:
+        """(Re-)detect the engine and hook every trainable parameter of the optimizer (nothing pending)."""
+        params = self._trainable(self.optimizer.param_groups)
+        unique: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append(p)
+        self._check_hookable(unique)
+        dist = detect_distributed(unique, self.optimizer, self._sync_mode)
+        # a live wrapper already hooking one of these parameters is replaced (its hooks removed)
+        for old in {id(o): o for p in unique if (o := _owner_of(p)) is not None and o is not self}.values():
+            if old._replaced_by is None:
+                old._detach(
+                    "this BalancedOptimizer was replaced by a newer BalancedOptimizer built on the same parameters; "
+                    "its hooks were removed. Use the new wrapper (or call remove_hooks() on an old one before "
+                    "building another)."
+                )
+                logger.warning("a BalancedOptimizer was built on parameters already wrapped: the older wrapper was replaced")
+        self.remove_hooks()
+        self._dist = dist
+        self._params = unique
+        self._param_ids = frozenset(seen)
+        self._frozen_ids = frozenset(id(p) for g in self.optimizer.param_groups for p in g["params"] if not p.requires_grad)
+        self._signature = self._current_signature()
+        self._hook_fns = []
+        for index, p in enumerate(unique):
+            _OWNERS[id(p)] = (weakref.ref(p, _forget_param(id(p))), self._weakself)
+            if dist.uses_hooks:
+                self._hook_fns.append(self._make_hooks(p, index))
+                self._hooks.append(p.register_hook(_HookTrampoline(self._weakself, index, 0)))
+                self._hooks.append(p.register_post_accumulate_grad_hook(_HookTrampoline(self._weakself, index, 1)))
+        # float32 buffers (exact sums of bf16/fp16 micro-batch gradients); float64 for float64 models
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in unique) else torch.float32
+        self.buffers = FlatBuffers([dist.local(p) for p in unique], dtype=dtype, order=_row_order)
+        dist.setup(self.buffers, len(self.registry), self.registry.declared, self.estimator)
+
+    def _detach(self, reason: str) -> None:
+        self.remove_hooks()
+        self._replaced_by = reason
+
+    def _make_hooks(
+        self, p: torch.Tensor, index: int
+    ) -> tuple[Callable[[torch.Tensor], None], Callable[[torch.Tensor], None]]:
+        """The two hook functions of ``p`` (``_install`` registers them through weak trampolines), so
+        that every gradient ``backward()`` accumulates into ``p.grad`` is captured.
 
         Two hooks per parameter, because neither alone sees exactly those gradients:
 
@@ -308,10 +492,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
         def park(grad: torch.Tensor) -> None:
             param = ref()
-            self._pending = (index, None if param is None or param.grad is None else grad)
+            self._parked = (index, None if param is None or param.grad is None else grad)
 
         def capture(param: torch.Tensor) -> None:
-            pending, self._pending = self._pending, None
+            pending, self._parked = self._parked, None
             if pending is None or pending[0] != index:  # pragma: no cover - autograd runs both hooks back to back
                 logger.warning("gradient of parameter %d accumulated without its tensor hook; not captured", index)
                 return
@@ -319,7 +503,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             if grad is not None:
                 self._capture(index, grad)
 
-        return [p.register_hook(park), p.register_post_accumulate_grad_hook(capture)]
+        return park, capture
 
     @staticmethod
     def _check_hookable(params: Sequence[torch.Tensor]) -> None:
@@ -350,10 +534,18 @@ class BalancedOptimizer(torch.optim.Optimizer):
             self.buffers.add(row, index, grad.detach())
 
     def remove_hooks(self) -> None:
-        """Detach the gradient hooks (the wrapper then sees no gradient; call before discarding it)."""
+        """Detach the gradient hooks (the wrapper then sees no gradient).
+
+        Not needed before discarding a wrapper: the hooks hold it weakly and are removed when it
+        is collected, and a new wrapper built on the same parameters replaces it.
+        """
         for h in self._hooks:
             h.remove()
-        self._hooks = []
+        self._hooks.clear()  # in place: the finalizer holds this list
+        for p in self._params:  # the parameters are free for another wrapper (no replacement warning)
+            entry = _OWNERS.get(id(p))
+            if entry is not None and entry[1]() is self:
+                del _OWNERS[id(p)]
 
     def _row_for(self, key: tuple) -> int:
         """Row of ``key``; a new row may move others (canonical order): re-key the row counts."""
@@ -388,6 +580,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
             raise RuntimeError("opt.task(...) blocks cannot be nested")
         if self._grad_scaler is not None:
             self._drop_if_stale()
+        if not self._microbatches:  # first block of a step: one O(#parameter tensors) check per step
+            self._check_parameters("the first task() block of the step")
         try:
             name = resolve_task(batch_or_name, self.task_key, self.registry)
             index = self.registry.index(name)
@@ -443,7 +637,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._microbatches = {}
         self._row_counts = {}
         self._synced = None
-        self._pending = None
+        self._parked = None
         self._amp_token = None
         self._amp_scale = None
 
@@ -569,6 +763,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """
         if self._synced is not None:
             return
+        self._check_parameters("synchronize()/step()")
         rows = self.buffers.finish()
         try:
             self._synced = self._dist.synchronize(

@@ -470,6 +470,11 @@ class FSDP2Sync(_Collective):
         self._snapshot: list[torch.Tensor | None] | None = None
         self._schedule_hash = 0
         self._schedule_len = 0
+        # task blocks after which no parameter had a gradient, and blocks with gradients after such
+        # a block: FSDP2's gradient sync was off (no_sync / accumulate()), the reduce-scatter was
+        # deferred to a later block, which would receive the earlier blocks' gradients
+        self._empty_blocks = 0
+        self._late_blocks = 0
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if _is_dtensor(t) else t
@@ -489,12 +494,18 @@ class FSDP2Sync(_Collective):
         self._schedule_len += 1
         if row is None or snap is None:
             return
+        any_grad = False
         for i, p in enumerate(params):
             if p.grad is None:
                 continue
+            any_grad = True
             cur = self.local(p.grad).detach()
             before = snap[i]
             buffers.add(row, i, cur if before is None else cur - before)
+        if not any_grad:
+            self._empty_blocks += 1
+        elif self._empty_blocks:
+            self._late_blocks += 1
 
     def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
         n = row_gram.shape[0]
@@ -522,10 +533,13 @@ class FSDP2Sync(_Collective):
         )
         mem = torch.zeros(world, dtype=_FP64)
         mem[self.rank] = float(buffers.nbytes)
-        meta = torch.cat(header + [sched, mem])
+        deferred = torch.tensor([float(self._empty_blocks if self._late_blocks else 0)], dtype=_FP64)
+        meta = torch.cat(header + [sched, mem, deferred])
         meta = self._all_reduce_small(meta, buffers.device)
         self._schedule_hash = 0
         self._schedule_len = 0
+        self._empty_blocks = 0
+        self._late_blocks = 0
         self._raise_collective_errors(float(meta[0]))
         n_rows = len(self._keys)
         used_g = meta[1 : 1 + n_rows]
@@ -540,6 +554,16 @@ class FSDP2Sync(_Collective):
                 "(MixtureSampler). Parameters were not updated."
             )
         mem_g = meta[o + 4 : o + 4 + world]
+        if float(meta[o + 4 + world]) > 0:
+            raise DistributedStateError(
+                "under FSDP2 gradient synchronisation was off for some task blocks of this step: no parameter had a "
+                "gradient after them, and a later block received the deferred reduce-scatter, i.e. the gradients of "
+                "several tasks (accelerator.accumulate() or accelerator.no_sync() / set_requires_gradient_sync(False) "
+                "on non-final micro-steps). balancedmix reads each task's gradient from p.grad after its block, so "
+                "FSDP2 must sync every micro-step: Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin("
+                "num_steps=..., sync_each_batch=True)), or no accumulate()/no_sync around the backwards. Parameters "
+                "were not updated."
+            )
         grows, gtask_counts, grow_counts = self._unpack_counts(used_g, counts_g)
         # rows used on another rank only (an empty local shard) must enter the local products as zeros
         buffers.zero_unused()

@@ -716,8 +716,20 @@ class BalancedGRPOMixin:
     # ------------------------------------------------------------------ loss and backward
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         t0 = time.perf_counter()
+        opt = self.balanced_optimizer
+        if opt is not None and self._bm_microbatches == 0:
+            # first micro-step of an optimizer step: accelerate's prepare may have swapped the optimizer's
+            # parameters for FSDP2 shards since create_optimizer; re-detect before choosing no_sync or not
+            opt.refresh()
         with contextlib.ExitStack() as stack:
-            if self._bm_ddp_buffers_sync():
+            if self._bm_is_fsdp2(model):
+                # FSDP2: per-task gradients are read from p.grad after each task block, so the reduce-scatter
+                # must run at every micro-step. The Trainer puts non-final micro-steps under
+                # accelerator.no_sync (set_requires_gradient_sync(False)); switch it back on for this one.
+                # Never no_sync under FSDP2: p.grad would stay empty and the deferred reduce-scatter would
+                # hand every task's gradient to the last block.
+                model.set_requires_gradient_sync(True)
+            elif self._bm_ddp_buffers_sync():
                 # DDP: no micro-step may let DDP all-reduce p.grad. A micro-batch split by task runs
                 # several forwards before its backwards, and DDP reduces at the first backward after a
                 # synced forward, whichever task it belongs to (ranks would diverge). balancedmix
@@ -733,6 +745,17 @@ class BalancedGRPOMixin:
         self._bm_step_loss = self._bm_step_loss + loss.detach().float().mean()  # a tensor: no device sync here
         self._bm_microbatches += 1
         return loss
+
+    def _bm_is_fsdp2(self, model: Any = None) -> bool:
+        """FSDP2 (``fully_shard``, accelerate ``fsdp_version=2``): by the optimizer's engine or the module type."""
+        opt = getattr(self, "balanced_optimizer", None)
+        if opt is not None and opt.distributed.kind == "fsdp2":
+            return True
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - torch without distributed
+            return False
+        return isinstance(model, FSDPModule)
 
     def _bm_ddp_buffers_sync(self) -> bool:
         """Several processes with DDP (not FSDP2): every micro-step runs under ``no_sync``."""
@@ -759,21 +782,40 @@ class BalancedGRPOMixin:
         self._bm_accumulate(inputs)
         present = torch.unique(task_ids).tolist()
         opt = self._bm_opt()
-        if len(present) == 1:
+        aligned = None
+        if opt.distributed.kind == "fsdp2":
+            # FSDP2 reduce-scatters every task block: every rank must run the same task blocks in the same
+            # order at every micro-step. The union of the tasks present on any rank, in registry order, is
+            # run on every rank (a task absent here gets a zero-weight one-row block).
+            aligned = self._bm_tasks_on_any_rank(task_ids)
+        if len(present) == 1 and (aligned is None or aligned == [int(present[0])]):
             stack.enter_context(opt.task(self.task_registry.name(int(present[0]))))
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        return self._bm_split_backward(model, inputs, opt, stack)
+        return self._bm_split_backward(model, inputs, opt, stack, aligned)
+
+    def _bm_tasks_on_any_rank(self, task_ids: torch.Tensor) -> list[int]:
+        """Task indices present in this micro-step on any rank, sorted: one all-reduce of ``K`` int64."""
+        import torch.distributed as dist
+
+        mask = torch.bincount(task_ids.detach().reshape(-1), minlength=len(self.task_registry)).clamp_(max=1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(mask)
+        return [t for t, n in enumerate(mask.tolist()) if n > 0]
 
     def _bm_opt(self) -> BalancedOptimizer:
         if self.balanced_optimizer is None:
             raise RuntimeError("BalancedGRPOTrainer has no BalancedOptimizer yet: it is built by create_optimizer() in train()")
         return self.balanced_optimizer
 
-    def _bm_split_backward(self, model: Any, inputs: dict[str, Any], opt: BalancedOptimizer, stack: contextlib.ExitStack) -> torch.Tensor:
+    def _bm_split_backward(
+        self, model: Any, inputs: dict[str, Any], opt: BalancedOptimizer, stack: contextlib.ExitStack, aligned: list[int] | None = None
+    ) -> torch.Tensor:
         """Loss of a mixed micro-batch with one backward per task sub-batch (see the module doc).
 
         Returns a tensor whose value is the unsplit micro-batch loss and whose backward (run by
-        the Trainer, under the last task's ``opt.task``) is the last task's share.
+        the Trainer, under the last task's ``opt.task``) is the last task's share. ``aligned``
+        (FSDP2): the tasks to run blocks for, on every rank alike; a task without rows here runs
+        its forward on one row and back-propagates zero (FSDP2's collectives stay matched).
         """
         mm = [k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None]
         if mm:
@@ -797,6 +839,8 @@ class BalancedGRPOMixin:
             if n:
                 segments.append((self.task_registry.name(t), start, start + n))
                 start += n
+            elif aligned is not None and t in aligned:
+                segments.append((self.task_registry.name(t), 0, 0))  # empty here: a zero-weight block
         self._bm_segments = segments
         self._bm_segment_outputs = []
         try:
@@ -808,7 +852,9 @@ class BalancedGRPOMixin:
             raise RuntimeError("the policy forward of _compute_loss was not intercepted; cannot split the micro-batch by task")
         self._bm_split_count += 1
         leaves: list[torch.Tensor] = []
-        for _, logps, ent in outputs:
+        for (_, a, b), (_, logps, ent) in zip(segments, outputs):
+            if a == b:
+                continue  # zero-weight block: not part of the loss
             leaves.append(logps)
             if ent is not None and ent.requires_grad:
                 leaves.append(ent)
@@ -817,16 +863,21 @@ class BalancedGRPOMixin:
 
         def surrogate(logps: torch.Tensor, ent: torch.Tensor | None) -> torch.Tensor:
             total = logps.new_zeros(())
+            if id(logps) not in seeds:  # a zero-weight block: runs the backward (and its collectives), adds 0
+                return (logps * 0.0).sum()
             for x in (logps, ent):
                 g = seeds.get(id(x)) if x is not None else None
                 if g is not None:
                     total = total + (x * g).sum()
             return total
 
+        # DDP: keep DDP's reducer out of the partial backwards (sync="buffers" is on anyway); never under FSDP2,
+        # where each task's block must be reduce-scattered on its own
+        ddp = opt.distributed.kind == "ddp"
         for name, logps, ent in outputs[:-1]:
             part = surrogate(logps, ent)
             if part.requires_grad:
-                with self.accelerator.no_sync(model), opt.task(name):
+                with self.accelerator.no_sync(model) if ddp else contextlib.nullcontext(), opt.task(name):
                     self.accelerator.backward(part)
         name, logps, ent = outputs[-1]
         stack.enter_context(opt.task(name))
@@ -846,10 +897,14 @@ class BalancedGRPOMixin:
         kwargs = dict(kwargs, compute_aux_loss=False)
         logps_parts, ent_parts = [], []
         for name, a, b in segments:
+            empty = a == b
+            rows = slice(0, 1) if empty else slice(a, b)  # an empty (aligned) segment: one row, weight 0
             logps, ent, _ = super()._get_per_token_logps_and_entropies(
-                model, input_ids[a:b], attention_mask[a:b], logits_to_keep, **kwargs
+                model, input_ids[rows], attention_mask[rows], logits_to_keep, **kwargs
             )
             self._bm_segment_outputs.append((name, logps, ent))
+            if empty:
+                continue
             logps_parts.append(logps)
             ent_parts.append(ent)
         entropies = torch.cat(ent_parts, dim=0) if compute_entropy else None
