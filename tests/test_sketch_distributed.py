@@ -4,17 +4,20 @@ Two gloo processes (tests/dist_harness.py). The single-process sketch of the who
 reference; the sum of the ranks' sketches must equal it up to float summation order.
 """
 
+import math
+
 import pytest
 import torch
 
 from balancedmix.sketch import CountSketch, global_starts, shard_offset
 from balancedmix.storage import SketchStorage
 
-from dist_harness import run_ranks
+from dist_harness import DistributedRunError, run_ranks
 
 WORLD = 2
 DIM = 64
 SEED = 11
+TASKS_DDP = ["a", "b", "c"]  # test_distributed's tasks
 
 
 def make_model() -> torch.nn.Module:
@@ -90,3 +93,31 @@ def test_ddp_ranks_with_disjoint_pieces_sum_to_the_single_process_sketch():
     want = reference_sketch()
     for r in run_ranks(_ddp_worker, WORLD, timeout=120):
         torch.testing.assert_close(r["sum"], want, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the optimizer under DDP
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sum", "normalize"])
+def test_ddp_sketch_mode_matches_the_single_process_sketch_mode(method):
+    """One all-reduce of the K×d sketches: the same figures and, with lagged coefficients carried
+    by DDP's own gradient all-reduce, the same parameters as one process on the global batch."""
+    from test_distributed import STEPS, _ddp_worker, assert_params_equal, reference
+
+    want_diags, want_params = reference(method, sketch_dim=DIM)
+    results = run_ranks(_ddp_worker, WORLD, method, "ddp", None, {"sketch_dim": DIM}, timeout=120)
+    for res in results:
+        assert res["modes"] == ["ddp"] * STEPS
+        for got, want in zip(res["diags"], want_diags):
+            for k, v in want.items():
+                if k.startswith(("grad_norm", "update_share", "coef", "cos", "grad_scale")):
+                    assert math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-7), (k, got[k], v)
+            assert got["buffer_bytes"] == len(TASKS_DDP) * DIM * 4 + DIM * 4  # K task rows + untagged row, float32
+        assert_params_equal(res["params"], want_params)
+
+
+@pytest.mark.slow
+def test_ddp_sketch_mode_refuses_micro_steps_that_never_sync():
+    from test_distributed import _ddp_worker
+
+    with pytest.raises(DistributedRunError, match="sketch mode"):
+        run_ranks(_ddp_worker, WORLD, "normalize", "buffers", None, {"sketch_dim": DIM}, timeout=120)

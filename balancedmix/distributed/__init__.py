@@ -376,7 +376,9 @@ class DDPSync(_Collective):
         fingerprint = torch.zeros(2 * world, dtype=_FP64)
         local_flag = torch.zeros(1, dtype=_FP64)  # 1: p.grad is NOT this rank's local total
         gsum, gsq, dot, lsq = (torch.zeros((), dtype=_FP64, device=data.device) for _ in range(4))
-        check_local = self.sync in ("auto", "buffers")
+        # sketch storage: no gradients to compare p.grad with or to rebuild it from (DDP must sync p.grad)
+        exact_rows = getattr(buffers, "can_rebuild", True)
+        check_local = self.sync in ("auto", "buffers") and exact_rows
         buffers.zero_unused()  # rows this rank did not fill this step are zeros from here on
         local_total = data.sum(0) if (check_local and rows) else None  # one pass over [R, P]
         for i, p in enumerate(params):
@@ -419,6 +421,12 @@ class DDPSync(_Collective):
             mode = "ddp" if identical else "buffers"
         else:
             mode = self.sync
+        if mode == "buffers" and not exact_rows:
+            raise DistributedStateError(
+                "sketch mode (sketch_dim) needs DDP to all-reduce p.grad (the corrected update travels in it), but "
+                "p.grad differs across ranks at step(): every micro-step ran under no_sync. Let the last micro-step "
+                "of each step sync (accelerate's accumulate() does). Parameters were not updated."
+            )
         if mode == "ddp" and not identical:
             raise DistributedStateError(
                 "sync='ddp' but p.grad differs across ranks at step(): DDP did not all-reduce the gradients "
