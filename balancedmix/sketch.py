@@ -278,15 +278,21 @@ def delta_standard_errors(fn: Callable[[torch.Tensor], torch.Tensor], gram: torc
     ``Var f(Ĝ) ≈ ∇f · Cov(Ĝ) · ∇f`` with :func:`gram_covariance`, which contracts to
     ``(⟨J, G J G⟩ + ⟨J, G Jᵀ G⟩) / d`` per output (``J = ∂f/∂G``), so the ``R⁴`` covariance is
     never formed. ``gram`` is evaluated as given (plug-in). Returns a float64 vector shaped like
-    ``fn(gram)`` (flattened); non-finite derivatives (at a zero row) count as 0.
+    ``fn(gram)`` (flattened); a zero row (an all-zero gradient) has zero error.
     """
     g = gram.detach().to(torch.float64)
     value = fn(g).reshape(-1)
     if value.numel() == 0:
         return value
-    jac = torch.autograd.functional.jacobian(lambda x: fn(x).reshape(-1), g)  # [n, R, R]
-    # A zero row (a task with an all-zero gradient: its sketch is exactly 0, without error) makes
-    # sqrt's backward 0/0 = NaN in every output's Jacobian; those entries are 0.
+    # A zero row (a task with an all-zero gradient: its sketch is exactly 0, without error) puts
+    # sqrt'(0) = ∞ into the Jacobian, and a later 0·∞ = NaN spreads through any matrix product
+    # (a grouping of rows) to every output. The Jacobian is taken at the Gram plus a diagonal of
+    # 10⁻²⁴ of its largest entry: derivatives stay finite (and change by ~10⁻²⁴), and a zero row's
+    # terms still vanish below because the covariance uses the Gram itself.
+    scale = float(torch.diagonal(g).abs().max()) if g.numel() else 0.0
+    eps = 1e-24 * scale if scale > 0 else 1e-300
+    at = g + eps * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    jac = torch.autograd.functional.jacobian(lambda x: fn(x).reshape(-1), at)  # [n, R, R]
     jac = torch.nan_to_num(jac, nan=0.0, posinf=0.0, neginf=0.0)
     first = torch.einsum("nab,ac,nce,eb->n", jac, g, jac, g)
     second = torch.einsum("nab,ae,nce,cb->n", jac, g, jac, g)

@@ -367,3 +367,19 @@ def test_measured_subset_refuses_skip_task():
     with pytest.raises(ValueError, match="skip_task"):
         BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, nonfinite="skip_task",
                           measure=list(model.trunk.parameters()))
+
+
+@pytest.mark.parametrize("estimator", ["raw", "split"])
+def test_a_task_with_zero_gradient_leaves_the_other_standard_errors_intact(estimator):
+    model = Net(14)
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), tasks=TASKS, sketch_dim=512, estimator=estimator)
+    for t, x in batches(3, 6):
+        with opt.task(t):
+            (model.loss(t, x) * (0.0 if t == "c" else 1.0)).backward()
+    opt.step()
+    d = opt.diagnostics()
+    assert d["grad_norm/c"] == 0.0 and d["grad_norm_se/c"] == 0.0
+    for t in ("a", "b"):
+        assert 0.0 < d[f"grad_norm_se/{t}"] < 0.2 * d[f"grad_norm/{t}"]
+        assert d[f"update_share_se/{t}"] > 0.0
+    assert d["cos_se/a/b"] > 0.0 and d["cos_se/a/c"] < 1e-12
