@@ -240,8 +240,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
             with its standard error in ``*_se/<task>`` keys, and the method's coefficients act
             one step late: those computed at step ``n`` scale the task gradients of step ``n+1``
             inside the gradient hooks, so ``p.grad`` holds the corrected update directly (see
-            "Sketch mode" in ``docs/diagnostics.md``). Not with ``nonfinite="skip_task"``, FSDP2,
-            or DDP micro-steps all under ``no_sync``.
+            "Sketch mode" in ``docs/diagnostics.md``). Single process, DDP (the last micro-step
+            of a step synced by DDP) and FSDP2; not with ``nonfinite="skip_task"`` or LBFGS.
         measure: ``None`` (default): every trainable parameter is measured. An iterable of some
             of the optimizer's trainable parameters (e.g. the last block's, as a proxy): only
             their gradients are captured, exactly (or sketched, with ``sketch_dim``), so the
@@ -509,12 +509,12 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 f"sync='buffers' rebuilds p.grad from the task buffers, which {what} does not allow: use sync='ddp' or "
                 "'auto' (DDP must all-reduce p.grad on the last micro-step)"
             )
-        if what is not None and dist.kind == "fsdp2":
+        if self._measure_ids is not None and dist.kind == "fsdp2":
             from .distributed import UnsupportedDistributedError
 
             raise UnsupportedDistributedError(
-                f"{what} is not supported under FSDP2 yet (sketches, not the Gram of local shards, must be summed "
-                "across ranks; a subset needs hooks FSDP2 does not run): use exact mode over all parameters, or DDP"
+                "a measured parameter subset (measure=) is not supported under FSDP2 (its task blocks capture every "
+                "parameter's gradient shard): measure all parameters, exactly or with sketch_dim"
             )
         # a live wrapper already hooking one of these parameters is replaced (its hooks removed)
         for old in {id(o): o for p in unique if (o := _owner_of(p)) is not None and o is not self}.values():
@@ -980,7 +980,6 @@ class BalancedOptimizer(torch.optim.Optimizer):
             return True
         n = len(buf.keys)
         row_gram, grad_dots, grad_sq = self._row_stats()
-        self._dist.reduce_stats(row_gram, grad_dots, grad_sq)  # FSDP2: sums of local shard products
         applied = buf.applied()  # coefficient each row carries in p.grad now (lagged: the previous step's)
         row_gram = row_gram.cpu()
         grad_dots = grad_dots.cpu()
@@ -1134,10 +1133,17 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """Gram of all rows ``[n, n]``, their dot products with ``p.grad`` ``[n]`` and ``‖p.grad‖²``.
 
         Asked of the storage (exact rows: chunked float32 products summed in float64; sketches:
-        the same figures in the sketch space), then put in unscaled units under a GradScaler.
-        Local shards only (FSDP2 sums them across ranks afterwards).
+        the same figures in the sketch space), made global under FSDP2 (exact: the local shards'
+        products are summed; sketch: the shards' sketches are summed first, ``additive_stats``),
+        then put in unscaled units under a GradScaler.
         """
-        row_gram, grad_dots, grad_sq = self.buffers.row_stats(self._local_grads() if with_grads else None)
+        buf = self.buffers
+        grads = self._local_grads() if with_grads else None
+        if buf.additive_stats:
+            row_gram, grad_dots, grad_sq = buf.row_stats(grads)
+            self._dist.reduce_stats(row_gram, grad_dots, grad_sq)  # FSDP2: sums of local shard products
+        else:
+            row_gram, grad_dots, grad_sq = buf.row_stats(grads, self._dist.reduce_partial)
         if self._unit != 1.0:  # loss-scaled buffers (GradScaler): report and correct in unscaled units
             row_gram *= self._unit * self._unit
             grad_dots *= self._unit
@@ -1183,7 +1189,6 @@ class BalancedOptimizer(torch.optim.Optimizer):
         buf.zero_rows(bad_rows)
         n = len(buf.keys)
         row_gram, no_dots, no_sq = self._row_stats(with_grads=False)
-        self._dist.reduce_stats(row_gram, no_dots, no_sq)
         row_gram = row_gram.cpu()
         groups = [task_rows[t] for t in good_ids]
         if untagged_row is not None and UNTAGGED not in bad:

@@ -107,6 +107,8 @@ class ExactStorage(FlatBuffers):
     can_rebuild = True
     #: the rows are gradients (captured_gradients() can return them)
     holds_gradients = True
+    #: row_stats of local shards add up across ranks (FSDP2 sums the products, not the rows)
+    additive_stats = True
 
     def applied(self) -> torch.Tensor:
         """Coefficient of each row in ``p.grad`` now: 1 (hooks never scale an exact row's gradient)."""
@@ -116,7 +118,9 @@ class ExactStorage(FlatBuffers):
         """1: the hooks hand gradients to autograd unchanged (the correction is written at ``step()``)."""
         return 1.0
 
-    def row_stats(self, grads: GradList | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def row_stats(
+        self, grads: GradList | None, reduce: Callable[[torch.Tensor], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gram of all rows ``[n, n]``, their dot products with ``grads`` ``[n]`` and ``‖grads‖²``.
 
         One pass over the buffer in cache-sized chunks: each chunk's Gram block and its dot
@@ -124,8 +128,8 @@ class ExactStorage(FlatBuffers):
         float32, and summed across chunks in float64 — a single float32 accumulation over 10⁷
         elements loses enough to misjudge nearly opposite task gradients. ``grads`` are the
         rank-local gradients, one per parameter (``None``: no gradient), or ``None`` to skip the
-        dots. Local shards only (FSDP2 sums them across ranks afterwards). Float64 tensors on the
-        buffers' device.
+        dots. Local shards only (FSDP2 sums these products across ranks afterwards, so ``reduce``
+        is not used: ``additive_stats``). Float64 tensors on the buffers' device.
         """
         data = self.data
         n = data.shape[0]
@@ -232,6 +236,8 @@ class SketchStorage(LaggedCoefficients):
 
     kind = "sketch"
     holds_gradients = False
+    #: the Gram of local sketches is not the sum of ranks' Grams: the sketches are summed first
+    additive_stats = False
 
     def __init__(
         self,
@@ -344,19 +350,31 @@ class SketchStorage(LaggedCoefficients):
                 self.sketcher.add_(out, g, self.starts[i], self._key)
         return out.to(torch.float64)
 
-    def row_stats(self, grads: GradList | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def row_stats(
+        self, grads: GradList | None, reduce: Callable[[torch.Tensor], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gram of the row sketches, their dots with ``S(p.grad)`` and ``‖S(p.grad)‖²`` (float64).
 
         All three live in the sketch space, where a uniform rescale of ``p.grad`` stays exactly a
         rescale (``S`` is linear), so the optimizer's consistency check keeps its tolerance.
+        ``reduce`` (FSDP2: an in-place sum over ranks) first turns the local shards' sketches of
+        the rows and of ``p.grad`` into global ones: one collective of ``(rows + 1) × d`` values.
         """
-        rows = self.data.to(torch.float64)
-        row_gram = rows @ rows.T
+        n = len(self.keys)
+        both = torch.empty(n + 1, self.dim, dtype=self.dtype, device=self.device)
+        both[:n] = self.data
         if grads is None:
-            z = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
-            return row_gram, z, torch.zeros((), dtype=torch.float64, device=self.device)
-        sg = self.sketch_grads(grads)
-        return row_gram, rows @ sg, sg @ sg
+            both[n].zero_()
+        else:
+            both[n] = 0.0
+            for i, g in enumerate(grads):
+                if g is not None:
+                    self.sketcher.add_(both[n], g, self.starts[i], self._key)
+        if reduce is not None:
+            reduce(both)
+            self.data.copy_(both[:n])
+        rows, sg = both[:n].to(torch.float64), both[n].to(torch.float64)
+        return rows @ rows.T, rows @ sg, sg @ sg
 
     def standard_errors(self, fn: Callable[[torch.Tensor], torch.Tensor], row_gram: torch.Tensor) -> torch.Tensor | None:
         """Standard errors of the figures ``fn(row_gram)`` from the sketch (delta method, plug-in)."""

@@ -121,3 +121,50 @@ def test_ddp_sketch_mode_refuses_micro_steps_that_never_sync():
 
     with pytest.raises(DistributedRunError, match="sketch mode"):
         run_ranks(_ddp_worker, WORLD, "normalize", "buffers", None, {"sketch_dim": DIM}, timeout=120)
+
+
+def _fsdp_sketch_worker(rank: int, world: int, method: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from test_distributed import FSDP_SCHEDULE, STEPS, batch, loss_fn, make_model, params_of
+
+    from balancedmix import BalancedOptimizer
+    from balancedmix.distributed import FSDP2Sync
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS_DDP, method=method, sketch_dim=DIM)
+    assert isinstance(opt.distributed, FSDP2Sync)
+    diags = []
+    m = len(FSDP_SCHEDULE)
+    for step in range(STEPS):
+        for i, task in enumerate(FSDP_SCHEDULE):
+            with opt.task(task):
+                (loss_fn(model, batch(step, rank, i, task)) / m).backward()
+        opt.step()
+        opt.zero_grad()
+        diags.append(opt.diagnostics())
+    return {"diags": diags, "params": params_of(model)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sum", "normalize"])
+def test_fsdp2_sketch_mode_matches_the_single_process_sketch_mode(method):
+    """FSDP2 shards sketch their own global coordinates; the sketches (not their Gram) are summed
+    in one collective of (rows + 1) × d values; the lagged coefficients scale each task block's
+    increment of the local gradient shards. Same figures and parameters as one process."""
+    from test_distributed import FSDP_SCHEDULE, WORLD as W, assert_params_equal, reference
+
+    want_diags, want_params = reference(method, schedule={r: FSDP_SCHEDULE for r in range(W)}, sketch_dim=DIM)
+    results = run_ranks(_fsdp_sketch_worker, WORLD, method, timeout=120)
+    for res in results:
+        for got, want in zip(res["diags"], want_diags):
+            for k, v in want.items():
+                if k.startswith(("grad_norm", "update_share", "coef", "cos", "grad_scale")):
+                    assert math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-7), (k, got[k], v)
+        assert_params_equal(res["params"], want_params)
+    if method == "normalize":  # the lag was exercised: step 2 carries step 1's coefficients
+        assert any(v != 1.0 for k, v in want_diags[1].items() if k.startswith("coef/"))

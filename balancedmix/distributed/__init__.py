@@ -227,6 +227,10 @@ class SyncStrategy:
     def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
         """Turn rank-local partial dot products into global ones, in place (FSDP2 only)."""
 
+    #: ``None``, or an in-place sum over ranks of a tensor built from local shards (FSDP2): the
+    #: sketch storage sums its shards' sketches with it before taking their Gram
+    reduce_partial = None
+
     def enter_task(self, params: Sequence[torch.Tensor]) -> None:
         """Called on entering an ``opt.task()`` block."""
 
@@ -493,6 +497,11 @@ class FSDP2Sync(_Collective):
     def enter_task(self, params: Sequence[torch.Tensor]) -> None:
         self._snapshot = [None if p.grad is None else self.local(p.grad).detach().clone() for p in params]
 
+    def reduce_partial(self, t: torch.Tensor) -> None:  # type: ignore[override]
+        """Sum ``t`` (sketches of local shards) over the ranks, in place."""
+        self._all_reduce(t)
+        self.stats_bytes = t.numel() * t.element_size()
+
     def exit_task(self, params: Sequence[torch.Tensor], buffers: FlatBuffers, row: int | None) -> None:
         snap = self._snapshot
         self._snapshot = None
@@ -503,6 +512,9 @@ class FSDP2Sync(_Collective):
         if row is None or snap is None:
             return
         any_grad = False
+        # lagged coefficient of the row (sketch mode; 1 otherwise): FSDP2 runs no per-parameter
+        # hook, so the block's increment is scaled here: p.grad = before + c · (p.grad − before)
+        c = buffers.hook_scale(row) if hasattr(buffers, "hook_scale") else 1.0
         for i, p in enumerate(params):
             if p.grad is None:
                 continue
@@ -510,6 +522,10 @@ class FSDP2Sync(_Collective):
             cur = self.local(p.grad).detach()
             before = snap[i]
             buffers.add(row, i, cur if before is None else cur - before)
+            if c != 1.0:
+                cur.mul_(c)
+                if before is not None:
+                    cur.add_(before, alpha=1.0 - c)
         if not any_grad:
             self._empty_blocks += 1
         elif self._empty_blocks:

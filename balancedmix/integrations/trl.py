@@ -168,8 +168,8 @@ class BalancedConfig:
         estimator: ``"raw"`` or ``"split"`` (split-half unbiased norms and noise scales; 2x buffers).
         sketch_dim: ``None`` (exact task buffers) or ``d``: sketch mode, ``K × d`` values instead of
             ``K × P``, sketched figures with standard errors, corrections applied one step late (see
-            ``BalancedOptimizer``). Single process only with this trainer (its DDP micro-steps run
-            under ``no_sync``, which sketch mode cannot undo).
+            ``BalancedOptimizer``). Not under DDP with this trainer (its DDP micro-steps run under
+            ``no_sync``, and sketch mode needs DDP to sync ``p.grad``).
         schedule: a mixture schedule (``weights(step)`` / ``update(metrics)``) or a
             ``{task: weight}`` dict; ``None`` keeps TRL's ``RepeatSampler`` (dataset proportions).
             Needs a map-style train dataset (a streaming one raises ``ValueError``).
