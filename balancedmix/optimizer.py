@@ -1267,7 +1267,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 out[f"noise_scale/{name}"] = stats.noise_scale(trace, est / (m * m))
         for t, name in enumerate(self.registry.names):
             out[f"num_microbatches/{name}"] = float(self._microbatches.get(t, 0))
-        out.update(self._standard_errors(names, task_ids, task_rows, untagged_row, row_gram, coef_ext))
+        out.update(self._standard_errors(names, task_ids, task_rows, untagged_row, row_gram, gram_ext, coef_ext))
         out["buffer_bytes"] = float(self.buffers.nbytes)
         if self._dist.world_size > 1 and self._synced is not None:
             out["buffer_bytes"] = self._synced.extra.get("buffer_bytes_max", out["buffer_bytes"])
@@ -1281,49 +1281,41 @@ class BalancedOptimizer(torch.optim.Optimizer):
         task_rows: dict[int, list[int]],
         untagged_row: int | None,
         row_gram: torch.Tensor,
+        gram_ext: torch.Tensor,
         coef_ext: torch.Tensor,
     ) -> dict[str, float]:
         """``*_se/<task>`` keys: the storage's standard error of each figure (none for exact rows).
 
-        The figures are recomputed as functions of the row Gram (norms, update shares, cosines,
-        split-half squared norms) and the storage propagates its estimation error through them
-        (sketch: delta method with the CountSketch covariance, see :mod:`balancedmix.sketch`).
+        Sketch: closed forms of the delta method with the CountSketch covariance
+        (:func:`~balancedmix.sketch.figure_standard_errors`) on the task Gram, and the SE of the
+        halves' inner product for the split-half estimate.
         """
+        buf = self.buffers
         k = len(names)
-        groups = [task_rows[t] for t in task_ids] + ([[untagged_row]] if untagged_row is not None else [])
-        agg = self._group_rows(groups, row_gram.shape[0])
-        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-        split: list[tuple[str, int, int, float]] = []
+        errs = buf.figure_errors(gram_ext, coef_ext, k)
+        if errs is None:
+            return {}
+        norm_se, share_se, cos_se = errs
+        labels = names + ([UNTAGGED] if untagged_row is not None else [])
+        out: dict[str, float] = {"sketch_dim": float(self.sketch_dim or 0)}
+        for i, name in enumerate(labels):
+            out[f"grad_norm_se/{name}"] = float(norm_se[i])
+            out[f"update_share_se/{name}"] = float(share_se[i])
+        for i in range(k):
+            for j in range(i + 1, k):
+                out[f"cos_se/{names[i]}/{names[j]}"] = float(cos_se[i, j])
         if self.estimator == "split":
             for t, name in zip(task_ids, names):
                 members = task_rows[t]
-                if len(members) == 2:
-                    a, b = members
-                    n_a, n_b = self._row_counts.get(a, 0), self._row_counts.get(b, 0)
-                    if n_a >= 1 and n_b >= 1:
-                        split.append((name, a, b, (n_a + n_b) ** 2 / (n_a * n_b)))
-
-        def figures(rg: torch.Tensor) -> torch.Tensor:
-            gram = agg @ rg @ agg.T
-            cos = stats.cosines(gram[:k, :k])
-            parts = [stats.norms(gram), stats.update_shares(gram, coef_ext)]
-            parts.append(torch.stack([cos[i, j] for i, j in pairs]) if pairs else rg.new_zeros(0))
-            parts.append(torch.stack([f * rg[a, b] for _, a, b, f in split]) if split else rg.new_zeros(0))
-            return torch.cat(parts)
-
-        se = self.buffers.standard_errors(figures, row_gram.to(torch.float64))
-        if se is None:
-            return {}
-        labels = names + ([UNTAGGED] if untagged_row is not None else [])
-        m = len(labels)
-        out: dict[str, float] = {"sketch_dim": float(self.sketch_dim or 0)}
-        for i, name in enumerate(labels):
-            out[f"grad_norm_se/{name}"] = float(se[i])
-            out[f"update_share_se/{name}"] = float(se[m + i])
-        for p_i, (i, j) in enumerate(pairs):
-            out[f"cos_se/{names[i]}/{names[j]}"] = float(se[2 * m + p_i])
-        for s_i, (name, *_rest) in enumerate(split):
-            out[f"grad_sqnorm_unbiased_se/{name}"] = float(se[2 * m + len(pairs) + s_i])
+                if len(members) != 2:
+                    continue
+                a, b = members
+                n_a, n_b = self._row_counts.get(a, 0), self._row_counts.get(b, 0)
+                if n_a < 1 or n_b < 1:
+                    continue
+                se = buf.entry_error(row_gram, a, b)
+                if se is not None:
+                    out[f"grad_sqnorm_unbiased_se/{name}"] = (n_a + n_b) ** 2 / (n_a * n_b) * se
         return out
 
     def captured_gradients(self) -> dict[str, torch.Tensor]:

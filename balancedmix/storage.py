@@ -17,8 +17,8 @@ The optimizer asks a storage four things, whichever kind it has:
 
 Plus the row bookkeeping of :class:`~balancedmix.buffers.FlatBuffers` (``row``, ``reserve``,
 ``keys``, ``used``, ``finish``, ``reset``, ``zero_rows``, ``zero_unused``, ``mark_complete``,
-``data``, ``nbytes``), :meth:`standard_errors` (``None`` for exact figures) and
-``state_dict``/``load_state_dict``.
+``data``, ``nbytes``), ``figure_errors`` / ``entry_error`` (the standard errors the storage
+puts on the figures; ``None`` for exact rows) and ``state_dict``/``load_state_dict``.
 
 :class:`ExactStorage` is :class:`~balancedmix.buffers.FlatBuffers` (``K × P`` values) with the
 statistics and the combination that the optimizer used to do itself. :class:`SketchStorage`
@@ -27,13 +27,14 @@ keeps one :class:`~balancedmix.sketch.CountSketch` vector of ``d`` values per ro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import torch
 
 from .buffers import FlatBuffers, RowKey
-from .sketch import CountSketch, delta_standard_errors, global_starts
+from .sketch import CountSketch, figure_standard_errors, global_starts, inner_product_variance
 
 __all__ = ["ExactStorage", "LaggedExactStorage", "LaggedCoefficients", "SketchStorage", "GradientStorage", "make_storage"]
 
@@ -183,8 +184,14 @@ class ExactStorage(FlatBuffers):
                 grad.add_(upd)
         return coef
 
-    def standard_errors(self, fn: Callable[[torch.Tensor], torch.Tensor], row_gram: torch.Tensor) -> torch.Tensor | None:
-        """Exact figures have no sampling error from the storage: ``None``."""
+    def figure_errors(
+        self, gram: torch.Tensor, coef: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Exact figures carry no error from the storage: ``None``."""
+        return None
+
+    def entry_error(self, row_gram: torch.Tensor, a: int, b: int) -> float | None:
+        """Exact: ``None``."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -376,9 +383,18 @@ class SketchStorage(LaggedCoefficients):
         rows, sg = both[:n].to(torch.float64), both[n].to(torch.float64)
         return rows @ rows.T, rows @ sg, sg @ sg
 
-    def standard_errors(self, fn: Callable[[torch.Tensor], torch.Tensor], row_gram: torch.Tensor) -> torch.Tensor | None:
-        """Standard errors of the figures ``fn(row_gram)`` from the sketch (delta method, plug-in)."""
-        return delta_standard_errors(fn, row_gram, self.dim)
+    def figure_errors(
+        self, gram: torch.Tensor, coef: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Standard errors of the norms, update shares and cosines computed from the sketched task
+        Gram ``gram`` (update coefficients ``coef``, ``k`` tasks then possibly untagged):
+        :func:`~balancedmix.sketch.figure_standard_errors`."""
+        return figure_standard_errors(gram, coef, k, self.dim)
+
+    def entry_error(self, row_gram: torch.Tensor, a: int, b: int) -> float | None:
+        """Standard error of the sketched inner product of rows ``a`` and ``b`` (plug-in)."""
+        g_aa, g_bb, g_ab = float(row_gram[a, a]), float(row_gram[b, b]), float(row_gram[a, b])
+        return math.sqrt(max(inner_product_variance(g_aa, g_bb, g_ab, self.dim), 0.0))
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "dim": self.dim, "seed": self.sketcher.seed, "period": self.period,

@@ -345,7 +345,7 @@ def test_exact_storage_stats_and_combine_match_explicit_vectors():
     torch.testing.assert_close(got, 2.0 * (coef @ flat))
     store.combine(coef, 0.5, pgrad, rebuild=True)
     torch.testing.assert_close(torch.cat([t.reshape(-1) for t in pgrad]), 0.5 * (coef @ flat))
-    assert store.standard_errors(lambda x: x, row_gram) is None
+    assert store.figure_errors(row_gram, torch.ones(2), 2) is None and store.entry_error(row_gram, 0, 1) is None
 
 
 def test_exact_combine_with_unit_coefficients_leaves_p_grad_bit_identical():
@@ -380,3 +380,32 @@ def test_lagged_exact_storage_keeps_exact_rows_and_defers_the_correction_to_the_
     assert other.hook_scale(0) == 3.0
     with pytest.raises(ValueError, match="cannot rebuild"):
         store.combine(torch.ones(1), 1.0, [grad], rebuild=True)
+
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(2, 5), st.booleans(), st.integers(0, 10_000), st.booleans())
+def test_closed_form_figure_errors_equal_the_delta_method(k, untagged, seed, zero_task):
+    from balancedmix.sketch import figure_standard_errors
+
+    g = torch.Generator().manual_seed(seed)
+    m = k + int(untagged)
+    vecs = torch.randn(m, 30, dtype=torch.float64, generator=g)
+    if zero_task:
+        vecs[0] = 0.0
+    gram = vecs @ vecs.T
+    coef = torch.rand(m, dtype=torch.float64, generator=g) + 0.2
+    if untagged:
+        coef[-1] = 1.0
+    d = 128
+    norm_se, share_se, cos_se = figure_standard_errors(gram, coef, k, d)
+    iu = torch.triu_indices(k, k, 1)
+
+    def fn(gm):
+        cos = stats.cosines(gm[:k, :k])
+        return torch.cat([stats.norms(gm), stats.update_shares(gm, coef), cos[iu[0], iu[1]]])
+
+    want = delta_standard_errors(fn, gram, d)
+    torch.testing.assert_close(norm_se, want[:m], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(share_se, want[m : 2 * m], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(cos_se[iu[0], iu[1]], want[2 * m :], rtol=1e-6, atol=1e-12)
