@@ -362,6 +362,16 @@ def test_non_leaf_tensor_with_retain_grad_is_refused_at_construction():
     assert not leaf._backward_hooks and not leaf._post_accumulate_grad_hooks  # nothing hooked before refusing
 
 
+def test_add_param_group_with_a_non_leaf_tensor_leaves_the_inner_optimizer_unchanged():
+    leaf = torch.nn.Parameter(torch.randn(3))
+    opt = BalancedOptimizer(torch.optim.SGD([leaf], lr=0.1))
+    weight = torch.randn(4, 3, requires_grad=True) * 2.0
+    weight.retain_grad()
+    with pytest.raises(ValueError, match="not a leaf"):
+        opt.add_param_group({"params": [weight]})
+    assert len(opt.optimizer.param_groups) == 1  # refused before the inner optimizer took the group
+
+
 def _ddp_bucket_view_worker(rank: int, world: int, mode: str) -> dict:
     from test_distributed import M, SCHEDULE, STEPS, TASKS as DTASKS, _null as dnull, batch, loss_fn, make_model
     from test_distributed import params_of as dparams
