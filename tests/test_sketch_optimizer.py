@@ -404,3 +404,14 @@ def test_standard_errors_need_no_backward_pass_per_figure(monkeypatch):
     d = opt.diagnostics()
     assert len([k for k in d if k.startswith("cos_se/")]) == 16 * 15 // 2
     assert all(f"grad_sqnorm_unbiased_se/{t}" in d for t in tasks)
+
+
+def test_lagged_storages_are_refused_under_deepspeed(monkeypatch):
+    from balancedmix.distributed import UnsupportedDistributedError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate will hand the optimizer to DeepSpeed
+    model = Net()
+    with pytest.raises(UnsupportedDistributedError, match="sketch mode .* DeepSpeed"):
+        BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, sketch_dim=64)
+    with pytest.raises(UnsupportedDistributedError, match="measure=.* DeepSpeed"):
+        BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, measure=list(model.trunk.parameters()))
