@@ -1375,8 +1375,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """Copies of the gradients captured since the last step, per task (halves summed).
 
         Returns ``{task: flat float32 tensor [P]}`` in the order of the optimizer's trainable
-        parameters, with an ``"untagged"`` entry for backwards run outside :meth:`task`. For
-        inspection and tests; ``step()`` consumes the buffers without copying them.
+        parameters (with ``measure=``: of the measured ones only), with an ``"untagged"`` entry
+        for backwards run outside :meth:`task`. For inspection and tests; ``step()`` consumes the
+        buffers without copying them. Sketch mode keeps no gradients: ``RuntimeError``.
         """
         buf = self.buffers
         if not buf.holds_gradients:

@@ -415,3 +415,17 @@ def test_lagged_storages_are_refused_under_deepspeed(monkeypatch):
         BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, sketch_dim=64)
     with pytest.raises(UnsupportedDistributedError, match="measure=.* DeepSpeed"):
         BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, measure=list(model.trunk.parameters()))
+
+
+def test_captured_gradients_of_a_measured_subset_are_the_subset_slices():
+    model, ref = Net(15), Net(15)
+    subset = list(model.trunk[0].parameters())
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, measure=subset)
+    mbs = batches(5, 6)
+    for t, x in mbs:
+        with opt.task(t):
+            model.loss(t, x).backward()
+    got = opt.captured_gradients()
+    g = task_grads(ref, mbs)
+    for t in TASKS:
+        torch.testing.assert_close(got[t], subset_flat(ref, g[t], list(ref.trunk[0].parameters())))
