@@ -4,6 +4,7 @@ Two gloo processes (tests/dist_harness.py). The single-process sketch of the who
 reference; the sum of the ranks' sketches must equal it up to float summation order.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -168,3 +169,49 @@ def test_fsdp2_sketch_mode_matches_the_single_process_sketch_mode(method):
         assert_params_equal(res["params"], want_params)
     if method == "normalize":  # the lag was exercised: step 2 carries step 1's coefficients
         assert any(v != 1.0 for k, v in want_diags[1].items() if k.startswith("coef/"))
+
+
+def _measure_run(rank: int | None, world: int) -> dict:
+    """``measure=`` the last layer, ``normalize``: under DDP (rank given) or one process on the global batch."""
+    from test_distributed import M, SCHEDULE, STEPS, batch, loss_fn, make_model, params_of
+
+    from balancedmix import BalancedOptimizer
+
+    model = make_model()
+    net = model
+    if rank is not None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model)
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS_DDP, method="normalize",
+                            measure=list(model[2].parameters()))
+    diags = []
+    for step in range(STEPS):
+        ranks = [rank] if rank is not None else list(range(world))
+        for r in ranks:
+            for i, task in enumerate(SCHEDULE[r]):
+                last = i == M - 1
+                ctx = net.no_sync() if rank is not None and not last else contextlib.nullcontext()
+                with ctx, opt.task(task):
+                    (loss_fn(net, batch(step, r, i, task)) / (M * (1 if rank is not None else world))).backward()
+        opt.step()
+        opt.zero_grad()
+        diags.append(opt.diagnostics())
+    return {"diags": diags, "params": params_of(model)}
+
+
+def _measure_worker(rank: int, world: int) -> dict:
+    return _measure_run(rank, world)
+
+
+@pytest.mark.slow
+def test_ddp_measured_subset_matches_the_single_process_run():
+    from test_distributed import assert_params_equal
+
+    want = _measure_run(None, WORLD)
+    for res in run_ranks(_measure_worker, WORLD, timeout=120):
+        for got, exp in zip(res["diags"], want["diags"]):
+            for k, v in exp.items():
+                if k.startswith(("grad_norm", "update_share", "coef", "cos", "measured_numel")):
+                    assert math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-7), (k, got[k], v)
+        assert_params_equal(res["params"], want["params"])
