@@ -63,6 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         seeds=args.seeds,
+        sketch_dim=args.sketch_dim,
     )
     logger.info("report: %s", path)
     return 0
@@ -118,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also run method=sum with this task-mixture schedule: gradient_share | learning_progress | worst_task | "
         "temperature:TAU | size | fixed:TASK=W,...",
+    )
+    demo.add_argument(
+        "--sketch-dim",
+        type=_positive,
+        default=None,
+        metavar="D",
+        help="also run each method other than sum in sketch mode with D-dimensional task sketches (runs <method>+sketch, "
+        "corrections one step late), beside the exact runs, e.g. --methods sum,normalize --sketch-dim 65536",
     )
     demo.add_argument("--steps", type=_positive, default=None, help="GRPO optimizer steps per run (default: the preset's)")
     demo.add_argument("--out", default="balancedmix_demo", help="output folder (default: balancedmix_demo)")

@@ -33,13 +33,13 @@ import operator
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from . import stats
-from .buffers import FlatBuffers
+from .storage import GradientStorage, make_storage
 from .distributed import SyncResult, SyncStrategy
 from .distributed import detect as detect_distributed
 from .methods import MethodContext, MethodSpec, check_coefficients, make_method
@@ -80,6 +80,30 @@ def _check_supported(optimizer: torch.optim.Optimizer) -> None:
             "can be captured or applied. Materialise the model first (model.to_empty(device=...), then load or "
             "initialise the weights) and build the optimizer over the materialised parameters"
         )
+
+
+def _check_measure(measure: Iterable[torch.Tensor] | None, trainable: Sequence[torch.Tensor]) -> set[int] | None:
+    """Ids of the parameters to measure, or ``None`` for all of them (also when ``measure`` names them all)."""
+    if measure is None:
+        return None
+    if isinstance(measure, torch.Tensor):
+        measure = [measure]
+    try:
+        items = list(measure)
+    except TypeError:
+        raise TypeError(f"measure must be an iterable of parameters (or None), got {type(measure).__name__}") from None
+    if not items:
+        raise ValueError("measure is empty: give at least one of the optimizer's trainable parameters (or None for all)")
+    known = {id(p) for p in trainable}
+    for i, p in enumerate(items):
+        if not isinstance(p, torch.Tensor) or id(p) not in known:
+            what = f"a {type(p).__name__}" if not isinstance(p, torch.Tensor) else f"a tensor of shape {tuple(p.shape)}"
+            raise ValueError(
+                f"measure[{i}] is {what} that is not one of the optimizer's trainable parameters; pass parameters "
+                "of the wrapped optimizer (e.g. model.layers[-1].parameters())"
+            )
+    ids = {id(p) for p in items}
+    return None if ids == known else ids
 
 
 def _check_mismatch_tol(value: Any) -> float:
@@ -210,6 +234,21 @@ class BalancedOptimizer(torch.optim.Optimizer):
             ``prepare`` under FSDP2, staged unfreezing, a new group): the hooks follow them
             (:class:`ParametersChangedError` if they change mid-step). A multi-process run needs
             ``tasks`` declared. One wrapper per parameter: a new one replaces an older one.
+        sketch_dim: ``None`` (default): exact per-task gradients in ``K × P`` float32 buffers.
+            An integer ``d``: *sketch mode* — each task keeps a ``d``-dimensional CountSketch of
+            its gradient (``K × d`` values, no task buffers); every figure is an unbiased estimate
+            with its standard error in ``*_se/<task>`` keys, and the method's coefficients act
+            one step late: those computed at step ``n`` scale the task gradients of step ``n+1``
+            inside the gradient hooks, so ``p.grad`` holds the corrected update directly (see
+            "Sketch mode" in ``docs/diagnostics.md``). Single process, DDP (the last micro-step
+            of a step synced by DDP) and FSDP2; not with ``nonfinite="skip_task"`` or LBFGS.
+        measure: ``None`` (default): every trainable parameter is measured. An iterable of some
+            of the optimizer's trainable parameters (e.g. the last block's, as a proxy): only
+            their gradients are captured, exactly (or sketched, with ``sketch_dim``), so the
+            memory is ``K × (their size)`` and every figure describes that subset; the method's
+            coefficients, computed from the subset, then scale the *whole* model's gradients one
+            step late through the hooks, as in sketch mode (the other parameters' gradients
+            are not kept, so they cannot be corrected at ``step()``). Not under FSDP2.
         **method_options: passed to the registered method's factory.
     """
 
@@ -225,6 +264,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         mismatch_tol: float = 1e-3,
         on_step: Callable[[dict[str, float]], None] | None = None,
         sync: str = "auto",
+        sketch_dim: int | None = None,
+        measure: Iterable[torch.Tensor] | None = None,
         **method_options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -235,6 +276,24 @@ class BalancedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"estimator must be 'raw' or 'split', got {estimator!r}")
         if nonfinite not in ("error", "skip_task", "skip_step"):
             raise ValueError(f"nonfinite must be 'error', 'skip_task' or 'skip_step', got {nonfinite!r}")
+        if sketch_dim is not None and (
+            isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or not 1 <= sketch_dim <= 1 << 30
+        ):
+            raise ValueError(f"sketch_dim must be None or an integer in [1, 2^30], got {sketch_dim!r}")
+        self.sketch_dim = sketch_dim
+        self._measure_ids = _check_measure(measure, self._trainable(optimizer.param_groups))
+        lagged = sketch_dim is not None or self._measure_ids is not None
+        what = "sketch mode (sketch_dim)" if sketch_dim is not None else "a measured parameter subset (measure=)"
+        if lagged and nonfinite == "skip_task":
+            raise ValueError(
+                f"nonfinite='skip_task' rebuilds p.grad from every task gradient without the bad task; {what} keeps "
+                "no such gradients: use nonfinite='error' or 'skip_step', or exact mode over all parameters"
+            )
+        if lagged and isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError(
+                f"LBFGS re-evaluates the closure within a step, and {what} applies the previous step's coefficients in "
+                "the gradient hooks while a step computes the next ones: use exact mode over all parameters with LBFGS"
+            )
         _check_supported(optimizer)
         mismatch_tol = _check_mismatch_tol(mismatch_tol)
         seed = _check_seed(seed)
@@ -283,6 +342,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._frozen_coef: dict[str, float] | None = None  # set while a closure is re-evaluated
         self._grad_left: float | None = None  # ‖p.grad‖ left by the last step (until zero_grad())
         self._warned_untagged = False
+        self._lagged_what = what if lagged else None  # refusals checked by _install() for the detected engine
+        self.buffers: GradientStorage
         self._weakself = weakref.ref(self)
         weakref.finalize(self, _remove_handles, self._hooks)
         self._install()
@@ -439,6 +500,33 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._check_hookable(unique)
         if dist is None:
             dist = detect_distributed(unique, self.optimizer, self._sync_mode)
+        ids = self._measure_ids
+        measured_idx = [i for i, p in enumerate(unique) if ids is None or id(p) in ids]
+        if not measured_idx:
+            raise ValueError(
+                "none of the parameters given as measure= is a trainable parameter of the optimizer any more (frozen or "
+                "replaced); build the wrapper with measure= naming current parameters"
+            )
+        what = self._lagged_what
+        if what is not None and dist.kind == "ddp" and self._sync_mode == "buffers":
+            raise ValueError(
+                f"sync='buffers' rebuilds p.grad from the task buffers, which {what} does not allow: use sync='ddp' or "
+                "'auto' (DDP must all-reduce p.grad on the last micro-step)"
+            )
+        if what is not None and dist.kind.startswith("deepspeed"):
+            from .distributed import UnsupportedDistributedError
+
+            raise UnsupportedDistributedError(
+                f"{what} is not supported under DeepSpeed ZeRO (the engine applies the update from its own gradient "
+                "partitions, where no hook can apply a lagged coefficient): use exact mode over all parameters"
+            )
+        if self._measure_ids is not None and dist.kind == "fsdp2":
+            from .distributed import UnsupportedDistributedError
+
+            raise UnsupportedDistributedError(
+                "a measured parameter subset (measure=) is not supported under FSDP2 (its task blocks capture every "
+                "parameter's gradient shard): measure all parameters, exactly or with sketch_dim"
+            )
         # a live wrapper already hooking one of these parameters is replaced (its hooks removed)
         for old in {id(o): o for p in unique if (o := _owner_of(p)) is not None and o is not self}.values():
             if old._replaced_by is None:
@@ -463,7 +551,16 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 self._hooks.append(p.register_post_accumulate_grad_hook(_HookTrampoline(self._weakself, index, 1)))
         # float32 buffers (exact sums of bf16/fp16 micro-batch gradients); float64 for float64 models
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in unique) else torch.float32
-        self.buffers = FlatBuffers([dist.local(p) for p in unique], dtype=dtype, order=_row_order)
+        self._measured = measured_idx
+        self._slot = {i: s for s, i in enumerate(measured_idx)}  # parameter index -> storage index
+        measured = [unique[i] for i in self._measured]
+        old = getattr(self, "buffers", None)
+        self.buffers = make_storage(
+            measured, [dist.local(p) for p in measured], self.sketch_dim, self.seed, dtype, _row_order,
+            subset=len(measured) < len(unique),
+        )
+        if old is not None and old.kind == self.buffers.kind:  # keep the lagged coefficients across a re-installation
+            self.buffers.load_state_dict(old.state_dict())
         dist.setup(self.buffers, len(self.registry), self.registry.declared, self.estimator)
 
     def _detach(self, reason: str) -> None:
@@ -472,7 +569,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
     def _make_hooks(
         self, p: torch.Tensor, index: int
-    ) -> tuple[Callable[[torch.Tensor], None], Callable[[torch.Tensor], None]]:
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor | None], Callable[[torch.Tensor], None]]:
         """The two hook functions of ``p`` (``_install`` registers them through weak trampolines), so
         that every gradient ``backward()`` accumulates into ``p.grad`` is captured.
 
@@ -494,9 +591,15 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """
         ref = weakref.ref(p)  # the hook lives on p: a strong reference would be a cycle through the wrapper
 
-        def park(grad: torch.Tensor) -> None:
+        def park(grad: torch.Tensor) -> torch.Tensor | None:
             param = ref()
+            row = self._active_row
+            c = self.buffers.hook_scale(None if row is None or row == _DISCARD else row)
+            if c != 1.0:  # lagged coefficient (sketch_dim / measure=), applied before autograd accumulates
+                self._parked = (index, grad)
+                return grad * c
             self._parked = (index, None if param is None or param.grad is None else grad)
+            return None
 
         def capture(param: torch.Tensor) -> None:
             pending, self._parked = self._parked, None
@@ -526,6 +629,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """Add one parameter's accumulated gradient into the active task's row (or the untagged row)."""
         if self._grad_scaler is not None:
             self._drop_if_stale()
+        slot = self._slot.get(index)
+        if slot is None:
+            return  # a parameter outside measure=: its gradient is scaled by the hook, not kept
         row = self._active_row
         if row is None:
             row = self.buffers.row(_UNTAGGED)
@@ -535,7 +641,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             self._amp_token = self._scaler_token()
         # detach: with backward(create_graph=True) the gradient carries a graph; the buffer holds values only
         with torch.no_grad():
-            self.buffers.add(row, index, grad.detach())
+            self.buffers.add(row, slot, grad.detach())
 
     def remove_hooks(self) -> None:
         """Detach the gradient hooks (the wrapper then sees no gradient).
@@ -911,7 +1017,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         rows = self._synced.rows
         if not rows:
             self._diagnostics = {"step": float(self.num_steps), "buffer_bytes": float(buf.nbytes)}
-            if any(p.grad is not None for p in self._params) and self.method_name != "sum":
+            if any(self._params[i].grad is not None for i in self._measured) and self.method_name != "sum":
                 raise GradientMismatchError(
                     "step() found gradients in p.grad but no backward was captured since the last step; "
                     + (
@@ -927,7 +1033,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             return True
         n = len(buf.keys)
         row_gram, grad_dots, grad_sq = self._row_stats()
-        self._dist.reduce_stats(row_gram, grad_dots, grad_sq)  # FSDP2: sums of local shard products
+        applied = buf.applied()  # coefficient each row carries in p.grad now (lagged: the previous step's)
         row_gram = row_gram.cpu()
         grad_dots = grad_dots.cpu()
         grad_sq_f = float(grad_sq)
@@ -960,8 +1066,13 @@ class BalancedOptimizer(torch.optim.Optimizer):
         agg = self._group_rows(groups, n)
         gram_ext = agg @ row_gram @ agg.T
         k = len(task_ids)
-        total_sq = float(gram_ext.sum())
-        total_dot = float(agg.sum(0) @ grad_dots)
+        if bool(torch.all(applied == 1.0)):
+            total_sq = float(gram_ext.sum())
+            total_dot = float(agg.sum(0) @ grad_dots)
+        else:  # p.grad = s · Σ_r a_r B_r (lagged coefficients a applied by the hooks)
+            a_ext = torch.tensor([float(applied[g[0]]) for g in groups], dtype=torch.float64)
+            total_sq = float(stats.combined_sqnorm(gram_ext, a_ext))
+            total_dot = float((agg.T @ a_ext) @ grad_dots)
 
         # ---- p.grad = s · total? (uniform rescale: clipping or AMP unscale)
         if total_sq > 0:
@@ -978,18 +1089,29 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 )
 
         coef, coef_ext = self._coefficients(gram_ext, names)
-        if k and not bool(torch.all(coef == 1.0)):
-            weights = torch.zeros(n, dtype=torch.float64)
-            for t_i, members in enumerate(groups[:k]):
-                weights[members] = scale * (float(coef[t_i]) - 1.0)
-            self._add_to_grads(weights, rebuild=False)
+        row_coef = torch.ones(n, dtype=torch.float64)
+        for t_i, members in enumerate(groups[:k]):
+            row_coef[members] = float(coef[t_i])
+        # exact: p.grad rewritten now; sketch: coef kept for the next step's hooks. Either way the
+        # coefficients of this step's update come back (what update shares and norms describe).
+        in_update = buf.combine(row_coef, scale * self._unit, self._local_grads())
+        update_ext = torch.tensor([float(in_update[g[0]]) for g in groups], dtype=torch.float64)
 
         self._diagnostics = self._compute_diagnostics(
-            names, task_ids, task_rows, untagged_row, row_gram, gram_ext, coef_ext, scale, grad_sq_f
+            names, task_ids, task_rows, untagged_row, row_gram, gram_ext, update_ext, scale, grad_sq_f
         )
+        if buf.lagged:
+            for i, name in enumerate(names):
+                self._diagnostics[f"coef_next/{name}"] = float(coef[i])
+        if len(self._measured) < len(self._params):
+            self._diagnostics["measured_numel"] = float(sum(self._params[i].numel() for i in self._measured))
         if not k:
             self._untagged_only()
         return True
+
+    def _local_grads(self) -> list[torch.Tensor | None]:
+        """Each measured parameter's rank-local gradient (FSDP2: the local shard, sharing p.grad's storage)."""
+        return [None if p.grad is None else self._dist.local(p.grad) for p in (self._params[i] for i in self._measured)]
 
     def _untagged_only(self) -> None:
         """Every gradient of the step was untagged: say so in the diagnostics, warn once."""
@@ -1061,62 +1183,24 @@ class BalancedOptimizer(torch.optim.Optimizer):
         return coef, torch.cat([coef, torch.ones(gram_ext.shape[0] - k, dtype=torch.float64)])
 
     def _row_stats(self, with_grads: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gram of all buffer rows ``[n, n]``, their dot products with ``p.grad`` ``[n]`` and ``‖p.grad‖²``.
+        """Gram of all rows ``[n, n]``, their dot products with ``p.grad`` ``[n]`` and ``‖p.grad‖²``.
 
-        One pass over the buffer in cache-sized chunks: each chunk's Gram block and its dot
-        products with ``p.grad`` are computed back to back (the second read hits the cache), in
-        float32, and summed across chunks in float64 — a single float32 accumulation over 10⁷
-        elements loses enough to misjudge nearly opposite task gradients. Local shards only
-        (FSDP2 sums them across ranks afterwards). Float64 tensors on the buffers' device.
+        Asked of the storage (exact rows: chunked float32 products summed in float64; sketches:
+        the same figures in the sketch space), made global under FSDP2 (exact: the local shards'
+        products are summed; sketch: the shards' sketches are summed first, ``additive_stats``),
+        then put in unscaled units under a GradScaler.
         """
         buf = self.buffers
-        data = buf.data
-        n = data.shape[0]
-        row_gram = torch.zeros(n, n, dtype=torch.float64, device=data.device)
-        grad_dots = torch.zeros(n, dtype=torch.float64, device=data.device)
-        grad_sq = torch.zeros((), dtype=torch.float64, device=data.device)
-        for i, p in enumerate(self._params):
-            offset = buf.offsets[i]
-            grad = self._dist.local(p.grad).reshape(-1) if with_grads and p.grad is not None else None
-            for start, stop in buf.chunks(i):
-                block = data[:, offset + start : offset + stop]
-                row_gram += (block @ block.T).to(torch.float64)
-                if grad is not None:
-                    g = grad[start:stop].to(buf.dtype)
-                    grad_dots += (block @ g).to(torch.float64)
-                    grad_sq += torch.dot(g, g).to(torch.float64)
+        grads = self._local_grads() if with_grads else None
+        if buf.additive_stats:
+            row_gram, grad_dots, grad_sq = buf.row_stats(grads)
+            self._dist.reduce_stats(row_gram, grad_dots, grad_sq)  # FSDP2: sums of local shard products
+        else:
+            row_gram, grad_dots, grad_sq = buf.row_stats(grads, self._dist.reduce_partial)
         if self._unit != 1.0:  # loss-scaled buffers (GradScaler): report and correct in unscaled units
             row_gram *= self._unit * self._unit
             grad_dots *= self._unit
         return row_gram, grad_dots, grad_sq
-
-    def _add_to_grads(self, weights: torch.Tensor, rebuild: bool) -> None:
-        """``p.grad += Σ_r w_r B_r`` per parameter (or ``p.grad = Σ_r w_r B_r`` when ``rebuild``).
-
-        Chunked like :meth:`_row_stats`; ``w @ block`` (a non-transposed matrix-vector product)
-        is several times faster than ``block.T @ w`` on wide slices such as an embedding.
-        """
-        buf = self.buffers
-        w = (weights * self._unit).to(device=buf.data.device, dtype=buf.dtype)  # weights apply to unscaled rows
-        for i, p in enumerate(self._params):
-            if p.grad is None:
-                continue
-            grad = self._dist.local(p.grad)  # FSDP2: the local shard (shares p.grad's storage)
-            offset = buf.offsets[i]
-            if grad.is_contiguous():
-                flat = grad.view(-1)
-                for start, stop in buf.chunks(i):
-                    upd = w @ buf.data[:, offset + start : offset + stop]
-                    if rebuild:
-                        flat[start:stop].copy_(upd)
-                    else:
-                        flat[start:stop].add_(upd)
-                continue
-            upd = (w @ buf.data[:, buf.slice(i)]).view_as(grad)
-            if rebuild:
-                grad.copy_(upd)
-            else:
-                grad.add_(upd)
 
     def _handle_nonfinite(
         self,
@@ -1158,7 +1242,6 @@ class BalancedOptimizer(torch.optim.Optimizer):
         buf.zero_rows(bad_rows)
         n = len(buf.keys)
         row_gram, no_dots, no_sq = self._row_stats(with_grads=False)
-        self._dist.reduce_stats(row_gram, no_dots, no_sq)
         row_gram = row_gram.cpu()
         groups = [task_rows[t] for t in good_ids]
         if untagged_row is not None and UNTAGGED not in bad:
@@ -1169,7 +1252,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         weights = torch.zeros(n, dtype=torch.float64)
         for gi, members in enumerate(groups):
             weights[members] = float(coef_ext[gi])
-        self._add_to_grads(weights, rebuild=True)
+        buf.combine(weights, self._unit, self._local_grads(), rebuild=True)
         diag = self._compute_diagnostics(
             good_names,
             good_ids,
@@ -1237,20 +1320,71 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 out[f"noise_scale/{name}"] = stats.noise_scale(trace, est / (m * m))
         for t, name in enumerate(self.registry.names):
             out[f"num_microbatches/{name}"] = float(self._microbatches.get(t, 0))
+        out.update(self._standard_errors(names, task_ids, task_rows, untagged_row, row_gram, gram_ext, coef_ext))
         out["buffer_bytes"] = float(self.buffers.nbytes)
         if self._dist.world_size > 1 and self._synced is not None:
             out["buffer_bytes"] = self._synced.extra.get("buffer_bytes_max", out["buffer_bytes"])
             out["comm_bytes"] = float(self._synced.comm_bytes + self._dist.stats_bytes)
         return out
 
+    def _standard_errors(
+        self,
+        names: list[str],
+        task_ids: list[int],
+        task_rows: dict[int, list[int]],
+        untagged_row: int | None,
+        row_gram: torch.Tensor,
+        gram_ext: torch.Tensor,
+        coef_ext: torch.Tensor,
+    ) -> dict[str, float]:
+        """``*_se/<task>`` keys: the storage's standard error of each figure (none for exact rows).
+
+        Sketch: closed forms of the delta method with the CountSketch covariance
+        (:func:`~balancedmix.sketch.figure_standard_errors`) on the task Gram, and the SE of the
+        halves' inner product for the split-half estimate.
+        """
+        buf = self.buffers
+        k = len(names)
+        errs = buf.figure_errors(gram_ext, coef_ext, k)
+        if errs is None:
+            return {}
+        norm_se, share_se, cos_se = errs
+        labels = names + ([UNTAGGED] if untagged_row is not None else [])
+        out: dict[str, float] = {"sketch_dim": float(self.sketch_dim or 0)}
+        for i, name in enumerate(labels):
+            out[f"grad_norm_se/{name}"] = float(norm_se[i])
+            out[f"update_share_se/{name}"] = float(share_se[i])
+        for i in range(k):
+            for j in range(i + 1, k):
+                out[f"cos_se/{names[i]}/{names[j]}"] = float(cos_se[i, j])
+        if self.estimator == "split":
+            for t, name in zip(task_ids, names):
+                members = task_rows[t]
+                if len(members) != 2:
+                    continue
+                a, b = members
+                n_a, n_b = self._row_counts.get(a, 0), self._row_counts.get(b, 0)
+                if n_a < 1 or n_b < 1:
+                    continue
+                se = buf.entry_error(row_gram, a, b)
+                if se is not None:
+                    out[f"grad_sqnorm_unbiased_se/{name}"] = (n_a + n_b) ** 2 / (n_a * n_b) * se
+        return out
+
     def captured_gradients(self) -> dict[str, torch.Tensor]:
         """Copies of the gradients captured since the last step, per task (halves summed).
 
         Returns ``{task: flat float32 tensor [P]}`` in the order of the optimizer's trainable
-        parameters, with an ``"untagged"`` entry for backwards run outside :meth:`task`. For
-        inspection and tests; ``step()`` consumes the buffers without copying them.
+        parameters (with ``measure=``: of the measured ones only), with an ``"untagged"`` entry
+        for backwards run outside :meth:`task`. For inspection and tests; ``step()`` consumes the
+        buffers without copying them. Sketch mode keeps no gradients: ``RuntimeError``.
         """
         buf = self.buffers
+        if not buf.holds_gradients:
+            raise RuntimeError(
+                "sketch mode (sketch_dim) keeps no task gradients, only their sketches: captured_gradients() needs "
+                "exact mode (sketch_dim=None)"
+            )
         rows = buf.finish()
         unit = self._loss_unit()
         out: dict[str, torch.Tensor] = {}
@@ -1297,6 +1431,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             "method": method_state,
             "method_name": self.method_name,
             "estimator": self.estimator,
+            "storage": self.buffers.state_dict(),
         }
         return sd
 
@@ -1326,3 +1461,12 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self.generator.set_state(torch.as_tensor(own["generator"]).cpu())
         if own.get("method") is not None and hasattr(self.method, "load_state_dict"):
             self.method.load_state_dict(own["method"])
+        storage = own.get("storage")
+        if storage is not None:
+            if storage.get("kind") == self.buffers.kind:
+                self.buffers.load_state_dict(storage)  # sketch mode: the lagged coefficients
+            else:
+                logger.warning(
+                    "state dict was saved in %s mode, loading into %s mode: lagged coefficients start at 1",
+                    storage.get("kind"), self.buffers.kind,
+                )

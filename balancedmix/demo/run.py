@@ -67,6 +67,8 @@ class DemoConfig:
     ``methods`` and ``seeds``: what ``balancedmix demo`` runs without ``--methods``/``--seeds``;
     the default preset compares ``normalize`` with ``sum`` on 8 RL seeds, sized so that the
     interval of the mean-accuracy difference is about ±0.03 (docs/demo.md has the measurement).
+    ``sketch_dim``: the ``d`` of the extra sketch-mode runs (``<method>+sketch``, see
+    :func:`run_demo`); ``None``: no sketch runs.
     """
 
     hidden_size: int = 64
@@ -88,6 +90,7 @@ class DemoConfig:
     seeds: int = 8
     device: str = "cpu"
     cpu_threads: int | None = 1
+    sketch_dim: int | None = None
     suite: SuiteConfig = SuiteConfig()
 
     def __post_init__(self) -> None:
@@ -217,6 +220,10 @@ def _equal_mixture(tasks: Sequence[str]) -> Any:
     return Fixed({t: 1.0 for t in tasks})
 
 
+#: name suffix of a demo run in sketch mode (``normalize+sketch``: ``normalize`` with ``cfg.sketch_dim``)
+SKETCH_SUFFIX = "+sketch"
+
+
 def _run_name(method: str, schedule: str | None) -> str:
     name = method if schedule is None else f"{method}+{schedule}"
     return re.sub(r"[^A-Za-z0-9_.+=-]", "_", name)
@@ -315,6 +322,7 @@ def check_demo_args(
     preset: str | DemoConfig = "default",
     overwrite: bool = False,
     seeds: int | None = None,
+    sketch_dim: int | None = None,
 ) -> tuple[DemoConfig, list[tuple[str, str, str | None]]]:
     """Check every argument of :func:`run_demo` without doing any work (no model, no file).
 
@@ -372,6 +380,14 @@ def check_demo_args(
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"preset asks for device {cfg.device!r} but CUDA is not available; use --preset default")
     runs: list[tuple[str, str, str | None]] = [(_run_name(m, None), m, None) for m in methods]
+    if sketch_dim is not None:
+        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or not 1 <= sketch_dim <= 1 << 30:
+            raise ValueError(f"sketch_dim must be an integer in [1, 2^30], got {sketch_dim!r}")
+        corrected = [m for m in methods if m != "sum"]
+        if not corrected:
+            raise ValueError("--sketch-dim adds a sketch-mode run of each corrected method; give one besides sum, e.g. sum,normalize")
+        cfg = dataclasses.replace(cfg, sketch_dim=sketch_dim)
+        runs += [(_run_name(m, None) + SKETCH_SUFFIX, m, None) for m in corrected]
     if schedule is not None:
         tasks = list(cfg.suite.tasks)
         parse_schedule(schedule, tasks, {t: cfg.n_train for t in tasks})
@@ -409,6 +425,7 @@ def run_demo(
     report: bool = True,
     overwrite: bool = False,
     seeds: int | None = None,
+    sketch_dim: int | None = None,
 ) -> Path:
     """Run the demo; returns the path of ``OUT/report.md`` (or of ``OUT`` when ``report=False``).
 
@@ -433,10 +450,13 @@ def run_demo(
         report: write the report after the runs.
         overwrite: replace an existing demo output folder ``out`` (only once the new one is
             complete; a folder holding anything a demo does not write is refused).
+        sketch_dim: also run every method other than ``sum`` in sketch mode with this ``d``
+            (runs ``<method>+sketch``, lagged corrections), so the report sets the lagged sketched
+            correction beside the exact one.
 
     Raises ``ValueError`` (see :func:`check_demo_args`) before any work on a bad argument.
     """
-    cfg, runs = check_demo_args(out, methods, schedule, steps, seed, preset, overwrite, seeds)
+    cfg, runs = check_demo_args(out, methods, schedule, steps, seed, preset, overwrite, seeds, sketch_dim)
     out = Path(out)
     stage = _staging(out)
     if stage.exists():
@@ -557,6 +577,7 @@ def _run_all(
                 tasks=list(cfg.suite.tasks),
                 method=method,
                 estimator="split",
+                sketch_dim=cfg.sketch_dim if name.endswith(SKETCH_SUFFIX) else None,
                 schedule=mixture,
                 log_dir=str(run_dir),
                 seed=run_seed,
@@ -579,6 +600,7 @@ def _run_all(
         meta = {
             "name": name,
             "method": method,
+            "sketch_dim": cfg.sketch_dim if name.endswith(SKETCH_SUFFIX) else None,
             "schedule": sched or ("fixed equal (stratified)" if cfg.stratified else None),
             "seed": run_seed,
             "warm_start_seed": seed,

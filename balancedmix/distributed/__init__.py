@@ -236,6 +236,10 @@ class SyncStrategy:
     def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
         """Turn rank-local partial dot products into global ones, in place (FSDP2 only)."""
 
+    #: ``None``, or an in-place sum over ranks of a tensor built from local shards (FSDP2): the
+    #: sketch storage sums its shards' sketches with it before taking their Gram
+    reduce_partial = None
+
     def enter_task(self, params: Sequence[torch.Tensor]) -> None:
         """Called on entering an ``opt.task()`` block."""
 
@@ -385,7 +389,9 @@ class DDPSync(_Collective):
         fingerprint = torch.zeros(2 * world, dtype=_FP64)
         local_flag = torch.zeros(1, dtype=_FP64)  # 1: p.grad is NOT this rank's local total
         gsum, gsq, dot, lsq = (torch.zeros((), dtype=_FP64, device=data.device) for _ in range(4))
-        check_local = self.sync in ("auto", "buffers")
+        # sketch storage: no gradients to compare p.grad with or to rebuild it from (DDP must sync p.grad)
+        exact_rows = getattr(buffers, "can_rebuild", True)
+        check_local = self.sync in ("auto", "buffers") and exact_rows
         buffers.zero_unused()  # rows this rank did not fill this step are zeros from here on
         local_total = data.sum(0) if (check_local and rows) else None  # one pass over [R, P]
         for i, p in enumerate(params):
@@ -428,6 +434,12 @@ class DDPSync(_Collective):
             mode = "ddp" if identical else "buffers"
         else:
             mode = self.sync
+        if mode == "buffers" and not exact_rows:
+            raise DistributedStateError(
+                "sketch mode (sketch_dim) needs DDP to all-reduce p.grad (the corrected update travels in it), but "
+                "p.grad differs across ranks at step(): every micro-step ran under no_sync. Let the last micro-step "
+                "of each step sync (accelerate's accumulate() does). Parameters were not updated."
+            )
         if mode == "ddp" and not identical:
             raise DistributedStateError(
                 "sync='ddp' but p.grad differs across ranks at step(): DDP did not all-reduce the gradients "
@@ -494,6 +506,11 @@ class FSDP2Sync(_Collective):
     def enter_task(self, params: Sequence[torch.Tensor]) -> None:
         self._snapshot = [None if p.grad is None else self.local(p.grad).detach().clone() for p in params]
 
+    def reduce_partial(self, t: torch.Tensor) -> None:  # type: ignore[override]
+        """Sum ``t`` (sketches of local shards) over the ranks, in place."""
+        self._all_reduce(t)
+        self.stats_bytes = t.numel() * t.element_size()
+
     def exit_task(self, params: Sequence[torch.Tensor], buffers: FlatBuffers, row: int | None) -> None:
         snap = self._snapshot
         self._snapshot = None
@@ -504,6 +521,9 @@ class FSDP2Sync(_Collective):
         if row is None or snap is None:
             return
         any_grad = False
+        # lagged coefficient of the row (sketch mode; 1 otherwise): FSDP2 runs no per-parameter
+        # hook, so the block's increment is scaled here: p.grad = before + c · (p.grad − before)
+        c = buffers.hook_scale(row) if hasattr(buffers, "hook_scale") else 1.0
         for i, p in enumerate(params):
             if p.grad is None:
                 continue
@@ -511,6 +531,10 @@ class FSDP2Sync(_Collective):
             cur = self.local(p.grad).detach()
             before = snap[i]
             buffers.add(row, i, cur if before is None else cur - before)
+            if c != 1.0:
+                cur.mul_(c)
+                if before is not None:
+                    cur.add_(before, alpha=1.0 - c)
         if not any_grad:
             self._empty_blocks += 1
         elif self._empty_blocks:

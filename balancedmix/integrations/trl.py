@@ -166,6 +166,10 @@ class BalancedConfig:
             ``"pcgrad"``...) or a callable method; ``"sum"`` leaves the update untouched.
         method_options: keyword options of the method's factory.
         estimator: ``"raw"`` or ``"split"`` (split-half unbiased norms and noise scales; 2x buffers).
+        sketch_dim: ``None`` (exact task buffers) or ``d``: sketch mode, ``K × d`` values instead of
+            ``K × P``, sketched figures with standard errors, corrections applied one step late (see
+            ``BalancedOptimizer``). Not under DDP with this trainer (its DDP micro-steps run under
+            ``no_sync``, and sketch mode needs DDP to sync ``p.grad``).
         schedule: a mixture schedule (``weights(step)`` / ``update(metrics)``) or a
             ``{task: weight}`` dict; ``None`` keeps TRL's ``RepeatSampler`` (dataset proportions).
             Needs a map-style train dataset (a streaming one raises ``ValueError``).
@@ -188,6 +192,7 @@ class BalancedConfig:
     method: Any = "sum"
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     estimator: str = "raw"
+    sketch_dim: int | None = None
     schedule: Any = None
     log_dir: str | None = None
     write_jsonl: bool = True
@@ -202,6 +207,10 @@ class BalancedConfig:
             raise ValueError(f"BalancedConfig.report_keys must be one of {list(REPORT_KEY_LEVELS)}, got {self.report_keys!r}")
         if self.estimator not in ("raw", "split"):
             raise ValueError(f"BalancedConfig.estimator must be 'raw' or 'split', got {self.estimator!r}")
+        if self.sketch_dim is not None and (
+            isinstance(self.sketch_dim, bool) or not isinstance(self.sketch_dim, int) or self.sketch_dim < 1
+        ):
+            raise ValueError(f"BalancedConfig.sketch_dim must be None or a positive integer, got {self.sketch_dim!r}")
         if self.order_by_task not in ("auto", True, False):
             raise ValueError(f"BalancedConfig.order_by_task must be 'auto', True or False, got {self.order_by_task!r}")
         if not (isinstance(self.task_key, str) or callable(self.task_key)):
@@ -522,6 +531,7 @@ class BalancedGRPOMixin:
                 method=cfg.method,
                 tasks=list(self.task_registry.names),
                 estimator=cfg.estimator,
+                sketch_dim=cfg.sketch_dim,
                 seed=self.args.seed if cfg.seed is None else cfg.seed,
                 nonfinite=cfg.nonfinite,
                 mismatch_tol=cfg.mismatch_tol,
