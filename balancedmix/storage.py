@@ -33,7 +33,7 @@ from typing import Any, Union
 
 import torch
 
-from .buffers import FlatBuffers, RowKey
+from .buffers import FlatBuffers, RowKey, RowTable
 from .sketch import CountSketch, figure_standard_errors, global_starts, inner_product_variance
 
 __all__ = ["ExactStorage", "LaggedExactStorage", "LaggedCoefficients", "SketchStorage", "GradientStorage", "make_storage"]
@@ -223,7 +223,7 @@ class LaggedExactStorage(LaggedCoefficients, ExactStorage):
         self._load_lag_state(state["coefficients"])
 
 
-class SketchStorage(LaggedCoefficients):
+class SketchStorage(LaggedCoefficients, RowTable):
     """One CountSketch ``[d]`` per row; the correction is applied by the hooks one step later.
 
     Args:
@@ -258,57 +258,15 @@ class SketchStorage(LaggedCoefficients):
         self.params = list(params)
         self.sketcher = CountSketch(dim, seed)
         self.dim = dim
-        self.dtype = dtype
-        self.order = order
         self.starts = list(starts) if starts is not None else global_starts(self.params)
         if len(self.starts) != len(self.params):
             raise ValueError(f"starts has {len(self.starts)} entries for {len(self.params)} parameters")
-        devices = {p.device for p in self.params}
-        if len(devices) > 1:
-            raise ValueError(f"parameters live on several devices {sorted(map(str, devices))}; balancedmix needs one")
-        self.device = next(iter(devices)) if devices else torch.device("cpu")
-        self.data = torch.zeros(0, dim, dtype=dtype, device=self.device)
-        self.keys: list[RowKey] = []
-        self._row_of: dict[RowKey, int] = {}
-        self.used: set[int] = set()
-        self.dirty: set[int] = set()
+        self._init_rows(dim, dtype, self.params, order)
         self.period = 0  # counts reset()s: the hash key of the current accumulation period
         self._key = self.sketcher.key(0)
         self._init_lag()  # lagged coefficient per row key (absent: 1)
 
-    # ---------------------------------------------------------------- rows (FlatBuffers' API)
-    def row(self, key: RowKey) -> int:
-        idx = self._row_of.get(key)
-        return self._allocate([key])[0] if idx is None else idx
-
-    def reserve(self, keys: Sequence[RowKey]) -> None:
-        new = [k for k in keys if k not in self._row_of]
-        if new:
-            self._allocate(new)
-
-    def _allocate(self, keys: Sequence[RowKey]) -> list[int]:
-        old_keys = self.keys
-        new_keys = list(old_keys) + list(keys)
-        if self.order is not None:
-            new_keys.sort(key=self.order)
-        position = {key: r for r, key in enumerate(new_keys)}
-        remap = [position[key] for key in old_keys]
-        data = torch.zeros(len(new_keys), self.dim, dtype=self.dtype, device=self.device)
-        if remap:
-            data[torch.tensor(remap, device=self.device)] = self.data
-        self.data = data
-        self.keys = new_keys
-        self._row_of = position
-        self.used = {remap[r] for r in self.used}
-        self.dirty = {remap[r] for r in self.dirty}
-        return [position[key] for key in keys]
-
-    def has(self, key: RowKey) -> bool:
-        return key in self._row_of
-
-    def index(self, key: RowKey) -> int:
-        return self._row_of[key]
-
+    # ---------------------------------------------------------------- rows (RowTable)
     def finish(self) -> list[int]:
         """The rows used this step, sorted (a sketch row needs no completion)."""
         return sorted(self.used)
@@ -319,22 +277,6 @@ class SketchStorage(LaggedCoefficients):
         self.used = set()
         self.period += 1
         self._key = self.sketcher.key(self.period)
-
-    def zero_rows(self, rows: Sequence[int]) -> None:
-        for r in rows:
-            self.data[r].zero_()
-        self.dirty.difference_update(rows)
-
-    def zero_unused(self) -> None:
-        self.zero_rows(sorted(self.dirty - self.used))
-
-    def mark_complete(self, rows: Sequence[int]) -> None:
-        self.used = set(rows)
-        self.dirty |= self.used
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
 
     @property
     def key(self) -> int:

@@ -480,7 +480,21 @@ class DDPSync(_Collective):
         return SyncResult(grows, gtask_counts, grow_counts, comm, mode)
 
 
-class FSDP2Sync(_Collective):
+class _ShardedStats(_Collective):
+    """An engine whose task rows hold this rank's shard: the Gram and the dots with ``p.grad`` are
+    local products, summed over ranks in one small float64 all-reduce (FSDP2, DeepSpeed ZeRO)."""
+
+    def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
+        n = row_gram.shape[0]
+        packed = torch.cat([row_gram.reshape(-1).to(_FP64).cpu(), grad_dots.to(_FP64).cpu(), grad_sq.reshape(1).to(_FP64).cpu()])
+        packed = self._all_reduce_small(packed, row_gram.device)
+        row_gram.copy_(packed[: n * n].view(n, n))
+        grad_dots.copy_(packed[n * n : n * n + n])
+        grad_sq.copy_(packed[-1])
+        self.stats_bytes = packed.numel() * packed.element_size()
+
+
+class FSDP2Sync(_ShardedStats):
     """FSDP2 (``fully_shard``): per-task buffers of the local gradient shards, Gram by one all-reduce."""
 
     kind = "fsdp2"
@@ -539,15 +553,6 @@ class FSDP2Sync(_Collective):
             self._empty_blocks += 1
         elif self._empty_blocks:
             self._late_blocks += 1
-
-    def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
-        n = row_gram.shape[0]
-        packed = torch.cat([row_gram.reshape(-1).to(_FP64).cpu(), grad_dots.to(_FP64).cpu(), grad_sq.reshape(1).to(_FP64).cpu()])
-        packed = self._all_reduce_small(packed, row_gram.device)
-        row_gram.copy_(packed[: n * n].view(n, n))
-        grad_dots.copy_(packed[n * n : n * n + n])
-        grad_sq.copy_(packed[-1])
-        self.stats_bytes = packed.numel() * packed.element_size()
 
     def synchronize(
         self,

@@ -69,6 +69,7 @@ from . import (
     SyncResult,
     UnsupportedDistributedError,
     _Collective,
+    _ShardedStats,
     values_agree,
 )
 
@@ -146,7 +147,7 @@ class DeepSpeedPending(_Collective):
         raise self._refuse()
 
 
-class DeepSpeedSync(_Collective):
+class DeepSpeedSync(_ShardedStats):
     """ZeRO-1/2/3: per-task buffers of the rank's gradient partition; balancing as a pre-step hook on ZeRO's ``step()``.
 
     Built by :func:`attach`; see the module docstring for what each stage captures.
@@ -324,15 +325,6 @@ class DeepSpeedSync(_Collective):
         finally:
             for p in self.partitions:
                 p.grad = None
-
-    def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
-        n = row_gram.shape[0]
-        packed = torch.cat([row_gram.reshape(-1).to(_FP64).cpu(), grad_dots.to(_FP64).cpu(), grad_sq.reshape(1).to(_FP64).cpu()])
-        packed = self._all_reduce_small(packed, row_gram.device)
-        row_gram.copy_(packed[: n * n].view(n, n))
-        grad_dots.copy_(packed[n * n : n * n + n])
-        grad_sq.copy_(packed[-1])
-        self.stats_bytes = packed.numel() * packed.element_size()
 
     def synchronize(
         self,
