@@ -22,7 +22,11 @@ What the integration does (see ``docs/trl.md`` for the details and the exactness
 * **Single-task backwards** — after TRL's shuffle, the rows of every optimizer step's window of
   micro-batches are stably re-ordered by task (when the ``loss_type`` and config make the
   micro-batch grouping irrelevant to the gradient), so most micro-batches hold one task; their
-  backward is attributed with ``opt.task(name)``. A micro-batch that still mixes tasks is split:
+  backward is attributed with ``opt.task(name)``. With ``homogeneous="auto"`` (the default) the
+  training sampler's per-task quotas come in whole micro-batches (units of
+  ``lcm(per_device_train_batch_size, num_generations)`` rows, the same on every process), so
+  where the batch geometry allows, *every* micro-batch holds one task, the same at each
+  micro-step on every rank; where it does not, a warning says once why and how to fix it. A micro-batch that still mixes tasks is split:
   TRL's own ``_compute_loss`` runs on the whole micro-batch, but its policy forward is done per
   task sub-batch (rows of one task); the gradient of the loss with respect to each sub-batch's
   per-token log-probabilities (and entropies) is taken through the loss head only, and each
