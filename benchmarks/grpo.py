@@ -13,7 +13,8 @@ Variants: plain ``GRPOTrainer``; ``BalancedGRPOTrainer`` with ``sum`` (and ``pcg
 micro-batch mixes tasks, no split forward); and ``sum`` with ``homogeneous=False`` (TRL's sampler:
 micro-batches that mix tasks are split into per-task forwards), the cost this mode removes.
 
-Every variant runs ``rounds`` times, interleaved (plain, A, B, ..., then the next round), each run
+Every variant runs ``rounds`` times, interleaved (plain, A, B, ..., then the next round in the
+reverse order), each run
 ``repeats + 1`` steps from the same seed with the first step dropped; a run's figure is the median
 wall time between TRL's ``on_step_begin`` and ``on_step_end`` (generation, reward, forward/backward
 of every micro-batch and the optimizer step). The ratio is the median over rounds of
@@ -124,7 +125,7 @@ def run(quick: bool = False, repeats: int = 5, rounds: int | None = None) -> dic
         return {"suite": "grpo", "rows": [], "tables": [], "targets": [], "notes": [], "skipped": [f"GRPO step: {exc}"]}
     from balancedmix import available_methods
 
-    rounds = rounds or (1 if quick else 3)
+    rounds = rounds or (1 if quick else 5)
     models = ("demo",) if quick else tuple(MODELS)
     methods = available_methods()
     rows: list[dict[str, Any]] = []
@@ -133,8 +134,9 @@ def run(quick: bool = False, repeats: int = 5, rounds: int | None = None) -> dic
         for model_name in models:
             variants = _variants(model_name, methods)
             runs: dict[str, list[list[float]]] = {name: [] for name, *_ in variants}
-            for _ in range(rounds):
-                for name, kind, method, homogeneous in variants:
+            for r in range(rounds):
+                # alternate the order each round, so that a drift in the machine's load favours no variant
+                for name, kind, method, homogeneous in variants if r % 2 == 0 else variants[::-1]:
                     runs[name].append(_time_trainer(kind, method, repeats + 1, tmp, quick, model_name, homogeneous))
             base = [statistics.median(ts) for ts in runs["GRPOTrainer"]]
             model_rows = []
@@ -161,7 +163,7 @@ def run(quick: bool = False, repeats: int = 5, rounds: int | None = None) -> dic
     return {
         "suite": "grpo", "rows": rows, "tables": tables, "targets": targets,
         "notes": [f"3 tasks, 4 generations per prompt, completions ≤ {8 if quick else 16} tokens; {rounds} interleaved "
-                  f"round(s) per model, each variant's run a median of {repeats} steps after 1 warm-up; × plain is the "
+                  f"round(s) per model (order reversed every other round), each variant's run a median of {repeats} steps after 1 warm-up; × plain is the "
                   "median over rounds of the ratio to the plain run of the same round",
                   "homogeneous=auto (the default) draws task quotas in whole micro-batches, so no micro-batch mixes "
                   "tasks; homogeneous=False keeps TRL's sampler and splits mixed micro-batches (the previous default)"],

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -129,6 +130,7 @@ _ALL_ONLY_KEY = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)  # called for every key at every step: the regexes run once per key
 def report_key_level(key: str) -> str:
     """The lowest ``report_keys`` level at which a per-step metric ``key`` reaches the trackers.
 
