@@ -575,10 +575,11 @@ class BalancedGRPOMixin:
             local_units = args.per_device_train_batch_size * args.steps_per_generation // math.lcm(
                 args.per_device_train_batch_size, self.num_generations
             )
+            per_step = local_units * max(1, args.gradient_accumulation_steps // args.steps_per_generation)
             logger.info(
                 "balancedmix: single-task micro-batches by construction: per-task quotas in units of %d prompts "
-                "(%d per generation batch, so an optimizer step holds at most %d tasks)",
-                unit, local_units, local_units,
+                "(%d units per generation batch, so an optimizer step holds at most %d tasks)",
+                unit, local_units, per_step,
             )
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
