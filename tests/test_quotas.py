@@ -54,11 +54,14 @@ def _batches(sampler: MixtureSampler, rows: list[dict[str, str]]) -> list[list[s
     gens=st.integers(1, 3),
     num_batches=st.integers(1, 7),
     seed=st.integers(0, 2**31),
+    rounding=st.sampled_from(["largest_remainder", "multinomial"]),
+    homogeneous=st.booleans(),
 )
-def test_quota_units_shards_and_frequencies(sizes, raw_weights, units, shards, per_shard, gens, num_batches, seed):
+def test_quota_units_shards_and_frequencies(sizes, raw_weights, units, shards, per_shard, gens, num_batches, seed, rounding, homogeneous):
     """Counts are whole units, every shard holds the same counts, and after h units every task's
     cumulative count N_t is within one unit of its share: floor(h p_t) u <= N_t <= ceil(h p_t) u
-    (prompt-level rounding, u = 1, keeps floor(h p_t) <= N_t <= ceil(h p_t) — the same bound)."""
+    (prompt-level rounding, u = 1, keeps floor(h p_t) <= N_t <= ceil(h p_t) — the same bound).
+    Multinomial rounding draws whole units; the per-shard order may be the homogeneous one."""
     k = len(sizes)
     weights = {f"t{i}": w for i, w in enumerate(raw_weights[:k])}
     if sum(weights.values()) == 0:
@@ -67,7 +70,8 @@ def test_quota_units_shards_and_frequencies(sizes, raw_weights, units, shards, p
     rows = _rows(sizes)
     sampler = MixtureSampler(
         rows, weights=weights, prompts_per_batch=units * unit, num_generations=gens, repeat_count=2,
-        seed=seed, num_batches=num_batches, quota_unit=unit, shards=shards,
+        seed=seed, num_batches=num_batches, quota_unit=unit, shards=shards, rounding=rounding,
+        homogeneous=homogeneous, micro_batch_size=gens * per_shard if homogeneous else None,
     )  # fmt: skip
     total = sum(weights.values())
     cumulative: Counter[str] = Counter()
@@ -78,9 +82,24 @@ def test_quota_units_shards_and_frequencies(sizes, raw_weights, units, shards, p
         for s in range(shards):
             assert Counter(tasks[s * seg : (s + 1) * seg]) == Counter({t: c // shards for t, c in counts.items()})
         cumulative.update(counts)
+        if rounding == "multinomial":  # drawn counts (in whole units): no frequency bound
+            continue
         for t, w in weights.items():
             share = Fraction(h * units * w, total)  # units owed to t after h batches
             assert math.floor(share) * unit <= cumulative[t] <= math.ceil(share) * unit, (t, h, cumulative, weights)
+
+
+def test_sharded_homogeneous_order_gives_single_task_micro_batches():
+    """A plain loop reading shard s of each batch in micro-batches of 4 indices (2 prompts x G=2):
+    with quotas in units of 2 prompts per shard, every micro-batch holds one task."""
+    rows = _rows([7, 5, 4])
+    sampler = MixtureSampler(
+        rows, prompts_per_batch=8, num_generations=2, seed=5, num_batches=9, quota_unit=4, shards=2,
+        homogeneous=True, micro_batch_size=4,
+    )  # fmt: skip
+    stream = list(sampler)
+    for start in range(0, len(stream), 4):
+        assert len({rows[i]["task"] for i in stream[start : start + 4]}) == 1, start
 
 
 def test_min_per_task_is_rounded_up_to_whole_units():
