@@ -24,6 +24,15 @@ What differs from ``RepeatSampler`` is *which* B prompts form a batch:
   ``rounding="multinomial"`` draws the counts instead;
 * ``min_per_task=m`` first gives ``m`` prompts to every task of positive weight; the remaining
   ``B - m·K₊`` slots follow the weights;
+* ``quota_unit=u`` rounds in units of ``u`` prompts instead of single prompts: the same quota
+  method allots the batch's ``B/u`` units, so every task's count in every batch is a multiple of
+  ``u`` and its cumulative count stays strictly within one unit of ``weight × prompts``
+  (``floor(h·p_t)·u <= N_t(h) <= ceil(h·p_t)·u`` after ``h`` units) — the closest integer
+  quotas in units of ``u`` allow; ``min_per_task`` is rounded up to whole units. With
+  ``shards=P`` the batch is read as ``P`` consecutive equal segments (one per process, as
+  accelerate shards it) and every segment holds the same number of prompts of every task
+  (``u/P`` of each unit). :class:`~balancedmix.integrations.trl.BalancedGRPOTrainer` sets
+  ``u`` so that each task fills whole micro-batches on every rank (no micro-batch mixes tasks);
 * within a task, prompts come from a per-task random permutation, taken without replacement and
   reshuffled when exhausted (a *task epoch*; counted in :attr:`MixtureSampler.task_epochs`).
   When a task runs out in the middle of a batch, the prompts it already gave to that batch go to
@@ -62,6 +71,7 @@ logger = logging.getLogger(__name__)
 
 _PERM, _ORDER, _MULTI = 1, 2, 3  # purposes of the seeded generators
 _STATE_VERSION = 1
+_CONFIG_DEFAULTS = {"quota_unit": 1, "shards": 1}  # config keys a version-1 state may lack
 
 
 def class_label_names(dataset: Any, column: Any) -> list[str] | None:
@@ -274,6 +284,10 @@ class MixtureSampler(Sampler[int]):
         homogeneous: order each batch for single-task micro-batches (needs ``micro_batch_size``).
         micro_batch_size: indices per micro-batch (the DataLoader's batch size), for ``homogeneous``.
         num_batches: batches per sampler epoch (default ``max(1, N // B)``, as ``RepeatSampler``).
+        quota_unit: prompts per quota unit; every task's count in a batch is a multiple of it
+            (``prompts_per_batch`` must be a multiple of it). Default 1 (prompt-level quotas).
+        shards: consecutive equal segments of each batch (processes) that get the same count of
+            every task; ``quota_unit`` must be a multiple of it. Default 1.
 
     Raises:
         MissingTaskLabelError, UnknownTaskError, TaskError, WeightsError: see :func:`read_task_labels`
@@ -297,12 +311,16 @@ class MixtureSampler(Sampler[int]):
         homogeneous: bool = False,
         micro_batch_size: int | None = None,
         num_batches: int | None = None,
+        quota_unit: int = 1,
+        shards: int = 1,
     ) -> None:
         for name, value, low in (
             ("prompts_per_batch", prompts_per_batch, 1),
             ("num_generations", num_generations, 1),
             ("repeat_count", repeat_count, 1),
             ("min_per_task", min_per_task, 0),
+            ("quota_unit", quota_unit, 1),
+            ("shards", shards, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -327,10 +345,16 @@ class MixtureSampler(Sampler[int]):
                 raise TaskError(f"task {t!r} has no rows in the dataset; remove it from tasks= or add prompts")
         self._rows = [np.asarray(r, dtype=np.int64) for r in rows]
         self.task_sizes: dict[str, int] = {t: len(r) for t, r in zip(self.tasks, rows)}
-        if prompts_per_batch < min_per_task * k:
+        if prompts_per_batch % quota_unit or quota_unit % shards:
+            raise ValueError(
+                f"quota_unit={quota_unit} must divide prompts_per_batch={prompts_per_batch} and be a multiple of "
+                f"shards={shards}"
+            )
+        min_units = -(-min_per_task // quota_unit)  # min_per_task rounded up to whole units
+        if prompts_per_batch < min_units * quota_unit * k:
             raise ValueError(
                 f"prompts_per_batch={prompts_per_batch} is smaller than min_per_task={min_per_task} x {k} tasks "
-                f"{list(self.tasks)}; raise prompts_per_batch or lower min_per_task"
+                f"{list(self.tasks)} (in units of quota_unit={quota_unit}); raise prompts_per_batch or lower min_per_task"
             )
 
         self.task_key = task_key
@@ -342,6 +366,8 @@ class MixtureSampler(Sampler[int]):
         self.min_per_task = min_per_task
         self.homogeneous = bool(homogeneous)
         self.micro_batch_size = micro_batch_size
+        self.quota_unit = quota_unit
+        self.shards = shards
         self.num_rows = len(names)
         self.num_batches = num_batches if num_batches is not None else max(1, self.num_rows // prompts_per_batch)
 
@@ -455,15 +481,17 @@ class MixtureSampler(Sampler[int]):
     def _counts(self, b: int, state: _Stream, w: tuple[int, ...]) -> list[int]:
         """Prompts per task in batch ``b``; updates ``state.deficits`` (quota rounding)."""
         k = len(self.tasks)
+        u = self.quota_unit
         positive = [i for i in range(k) if w[i] > 0]
-        counts = [self.min_per_task if w[i] > 0 else 0 for i in range(k)]
-        free = self.prompts_per_batch - self.min_per_task * len(positive)
+        min_units = -(-self.min_per_task // u)
+        counts = [min_units if w[i] > 0 else 0 for i in range(k)]  # in units of u prompts
+        free = self.prompts_per_batch // u - min_units * len(positive)
         if self.rounding == "multinomial":
             total = sum(w)
             p = np.array([wi / total for wi in w], dtype=np.float64)
             rng = np.random.default_rng([self.seed % (1 << 64), _MULTI, b])
             drawn = rng.multinomial(free, p / p.sum())
-            return [c + int(d) for c, d in zip(counts, drawn)]
+            return [(c + int(d)) * u for c, d in zip(counts, drawn)]
         q = sum(w)
         d = state.deficits
         if state.weights != w:
@@ -480,7 +508,7 @@ class MixtureSampler(Sampler[int]):
             counts[best] += 1
         state.deficits = d
         state.weights = w
-        return counts
+        return [c * u for c in counts]
 
     @staticmethod
     def _convert_deficits(state: _Stream, w: tuple[int, ...]) -> list[int]:
@@ -539,6 +567,8 @@ class MixtureSampler(Sampler[int]):
             self._take(t, state, c, chosen)
             per_task.append(chosen)
         rng = np.random.default_rng([self.seed % (1 << 64), _ORDER, b])
+        if self.shards > 1:
+            return self._sharded_order(counts, per_task, rng)
         if self.homogeneous:
             assert self.micro_batch_size is not None
             runs = homogeneous_order(counts, self.num_generations, self.micro_batch_size, rng)
@@ -550,6 +580,25 @@ class MixtureSampler(Sampler[int]):
             return prompts
         flat = [i for chosen in per_task for i in chosen]
         return [flat[j] for j in rng.permutation(len(flat))]
+
+    def _sharded_order(self, counts: list[int], per_task: list[list[int]], rng: np.random.Generator) -> list[int]:
+        """The batch as ``shards`` consecutive segments holding the same count of every task."""
+        p = self.shards
+        prompts: list[int] = []
+        for s in range(p):
+            share = [c // p for c in counts]
+            mine = [chosen[s * n : (s + 1) * n] for chosen, n in zip(per_task, share)]
+            if self.homogeneous:
+                assert self.micro_batch_size is not None
+                runs = homogeneous_order(share, self.num_generations, self.micro_batch_size, rng)
+                cursor = [0] * len(share)
+                for t, c in runs:
+                    prompts.extend(mine[t][cursor[t] : cursor[t] + c])
+                    cursor[t] += c
+            else:
+                flat = [i for chosen in mine for i in chosen]
+                prompts.extend(flat[j] for j in rng.permutation(len(flat)))
+        return prompts
 
     def _state_at(self, batch: int) -> _Stream:
         """Stream state at the start of ``batch`` (replays counts from the nearest known point)."""
@@ -611,6 +660,8 @@ class MixtureSampler(Sampler[int]):
             "homogeneous": self.homogeneous,
             "micro_batch_size": self.micro_batch_size,
             "num_batches": self.num_batches,
+            "quota_unit": self.quota_unit,
+            "shards": self.shards,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -644,7 +695,9 @@ class MixtureSampler(Sampler[int]):
         """
         if state.get("version") != _STATE_VERSION:
             raise TaskError(f"unknown MixtureSampler state version {state.get('version')!r}")
-        saved, mine = state["config"], self._config()
+        # keys added after version 1 was first written: a state without them used their default
+        saved = dict(_CONFIG_DEFAULTS, **state["config"])
+        mine = self._config()
         diff = [k for k in mine if saved.get(k) != mine[k]]
         if diff:
             details = ", ".join(f"{k}: saved {saved.get(k)!r} vs {mine[k]!r}" for k in diff)

@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--homogeneous", default="auto", choices=["auto", "true", "false"],
+        help="single-task micro-batches by construction (auto: where the batch geometry allows); false: mixed ones are split",
+    )
+    parser.add_argument(
         "--gpu", action="store_true",
         help="train on the GPUs (needed for accelerate's FSDP2 plugin: examples/accelerate_fsdp2.yaml); default: CPU",
     )
@@ -156,7 +160,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer = GRPOTrainer(**common)
     else:
         method, schedule = ("sum", "none") if args.baseline else (args.method, args.schedule)
-        balanced = BalancedConfig(task_key="task", method=method, schedule=build_schedule(schedule), log_dir=args.output_dir)
+        homogeneous = {"auto": "auto", "true": True, "false": False}[args.homogeneous]
+        balanced = BalancedConfig(
+            task_key="task", method=method, schedule=build_schedule(schedule), log_dir=args.output_dir, homogeneous=homogeneous
+        )
         trainer = BalancedGRPOTrainer(**common, balanced=balanced)
     trainer.train()
 

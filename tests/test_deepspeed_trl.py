@@ -55,7 +55,7 @@ def ds_dict(stage: int) -> dict:
     }
 
 
-def _trainer_worker(rank: int, world: int, stage: int, tmp: str, methods: list[str | None]) -> dict:
+def _trainer_worker(rank: int, world: int, stage: int, tmp: str, methods: list[str | None], homogeneous: bool | str = "auto") -> dict:
     from accelerate.state import AcceleratorState
 
     out = {}
@@ -73,7 +73,8 @@ def _trainer_worker(rank: int, world: int, stage: int, tmp: str, methods: list[s
         if method is None:
             trainer = GRPOTrainer(**kwargs)
         else:
-            trainer = BalancedGRPOTrainer(**kwargs, balanced=BalancedConfig(method=method, write_jsonl=False))
+            config = BalancedConfig(method=method, write_jsonl=False, homogeneous=homogeneous)
+            trainer = BalancedGRPOTrainer(**kwargs, balanced=config)
         try:
             trainer.train()
         except Exception as exc:  # noqa: BLE001 - reported to the parent
@@ -97,7 +98,8 @@ def _trainer_worker(rank: int, world: int, stage: int, tmp: str, methods: list[s
 
 def test_grpo_trainer_zero1_trains_and_sum_equals_plain(tmp_path) -> None:
     """ZeRO-1 captures local gradients, so ranks may train different tasks at one micro-step."""
-    results = run_ranks(_trainer_worker, 2, 1, str(tmp_path), [None, "sum", "normalize"], timeout=300)
+    # homogeneous=False: TRL's sampler, the same prompts as the plain run (and micro-batches that mix tasks)
+    results = run_ranks(_trainer_worker, 2, 1, str(tmp_path), [None, "sum", "normalize"], False, timeout=300)
     for res in results:
         for key in ("None", "sum", "normalize"):
             assert "error" not in res[key], res[key]
@@ -118,11 +120,29 @@ def test_grpo_trainer_zero1_trains_and_sum_equals_plain(tmp_path) -> None:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_grpo_trainer_zero23_refuses_rank_misaligned_tasks_on_every_rank(tmp_path, stage: int) -> None:
-    """ZeRO-2/3 reduce every micro-step: the GRPO path does not (yet) give every rank the same task at the
-    same micro-step, so the first misaligned micro-step raises the same error on every rank, before its
+    """ZeRO-2/3 reduce every micro-step: with homogeneous=False (TRL's sampler) the ranks' tasks at a
+    micro-step differ, so the first misaligned micro-step raises the same error on every rank, before its
     backward and before any optimizer step."""
-    results = run_ranks(_trainer_worker, 2, stage, str(tmp_path), ["normalize"], timeout=300)
+    results = run_ranks(_trainer_worker, 2, stage, str(tmp_path), ["normalize"], False, timeout=300)
     errors = [res["normalize"].get("error") for res in results]
     assert errors[0] is not None and errors[0] == errors[1], errors
     assert errors[0].startswith("DistributedStateError") and f"ZeRO-{stage}" in errors[0]
     assert all(res["normalize"]["global_step"] == 0 for res in results)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_grpo_trainer_zero23_trains_with_homogeneous_micro_batches(tmp_path, stage: int) -> None:
+    """With homogeneous="auto" (the default) the task quotas come in whole micro-batches, the same on both
+    ranks (4 rows per device batch = one group of 4, 2 accumulation steps), so every micro-step runs one
+    task on every rank and ZeRO-2/3 train: ranks agree on every figure and parameter, and the
+    normalize correction is applied (update shares sum to 1)."""
+    results = run_ranks(_trainer_worker, 2, stage, str(tmp_path), ["normalize"], "auto", timeout=300)
+    for res in results:
+        assert "error" not in res["normalize"], res["normalize"]
+        assert res["normalize"]["mode"] == f"zero{stage}"
+        d = res["normalize"]["diags"]
+        present = [t for t in TASKS if f"grad_norm/{t}" in d]
+        assert present and math.isclose(sum(d[f"update_share/{t}"] for t in present), 1.0, abs_tol=1e-5)
+    assert results[0]["normalize"]["diags"] == results[1]["normalize"]["diags"]
+    for a, b in zip(results[0]["normalize"]["params"], results[1]["normalize"]["params"]):
+        assert torch.equal(a, b)

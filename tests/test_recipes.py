@@ -39,6 +39,7 @@ EVERY_FIELD_ARGS = [
     "--balanced_log_dir", "logs/x",
     "--balanced_write_jsonl", "false",
     "--balanced_order_by_task", "false",
+    "--balanced_homogeneous", "false",
     "--balanced_nonfinite", "skip_task",
     "--balanced_mismatch_tol", "0.01",
     "--balanced_seed", "7",
@@ -55,6 +56,7 @@ EVERY_FIELD_VALUES = {
     "balanced_log_dir": "logs/x",
     "balanced_write_jsonl": False,
     "balanced_order_by_task": "false",
+    "balanced_homogeneous": "false",
     "balanced_nonfinite": "skip_task",
     "balanced_mismatch_tol": 0.01,
     "balanced_seed": 7,
@@ -67,6 +69,7 @@ def _check_every_field(args: BalancedGRPOConfig) -> None:
     cfg = args.to_balanced_config()
     assert (cfg.task_key, cfg.tasks, cfg.method, cfg.method_options) == ("kind", ["a", "b", "c"], "cagrad", {"c": 0.25})
     assert (cfg.estimator, cfg.log_dir, cfg.write_jsonl, cfg.order_by_task) == ("split", "logs/x", False, False)
+    assert cfg.homogeneous is False
     assert (cfg.nonfinite, cfg.mismatch_tol, cfg.seed, cfg.report_keys) == ("skip_task", 0.01, 7, "minimal")
     assert isinstance(cfg.schedule, schedules.LearningProgress)
     assert (cfg.schedule.fast, cfg.schedule.slow, cfg.schedule.floor) == (0.3, 0.8, 0.1)

@@ -127,8 +127,10 @@ def test_sum_method_matches_plain_grpo_trainer(tok, tmp_path, loss_type, order_b
     common = dict(optim="sgd", loss_type=loss_type, max_grad_norm=0.0, **extra)
     plain = make_trainer(GRPOTrainer, tok, tmp_path / "plain", **common)
     plain.train()
+    # homogeneous=False: TRL's RepeatSampler, so both runs see the same prompts (auto would draw task quotas)
     balanced = make_trainer(
-        BalancedGRPOTrainer, tok, tmp_path / "bal", balanced=BalancedConfig(method="sum", order_by_task=order_by_task), **common
+        BalancedGRPOTrainer, tok, tmp_path / "bal",
+        balanced=BalancedConfig(method="sum", order_by_task=order_by_task, homogeneous=False), **common,
     )
     balanced.train()
     assert isinstance(balanced.optimizer.optimizer, BalancedOptimizer)
@@ -479,16 +481,18 @@ def test_schedule_uses_mixture_sampler_and_receives_metrics(tok, tmp_path):
     assert isinstance(trainer.mixture_sampler, MixtureSampler)
     records = read_jsonl(log_dir / "metrics.jsonl")
     # the same sampler, rebuilt: its batches are the composition the log must show
+    unit = trainer.mixture_sampler.quota_unit  # homogeneous="auto": quotas in whole micro-batches (2 prompts)
+    assert unit == 2
     ref = MixtureSampler(
         trainer.train_dataset, task_key="task", weights=weights, prompts_per_batch=trainer.args.generation_batch_size // 4,
-        num_generations=4, repeat_count=trainer.args.steps_per_generation, seed=0, tasks=list(TASKS),
+        num_generations=4, repeat_count=trainer.args.steps_per_generation, seed=0, tasks=list(TASKS), quota_unit=unit,
     )
     indices = list(iter(ref))
     task_col = trainer.train_dataset["task"]
     for j, rec in enumerate(records):
         chunk = indices[j * ref.batch_length : j * ref.batch_length + trainer.args.generation_batch_size]
         expected = Counter(task_col[i] for i in chunk)
-        assert expected["rev"] == 0 and expected["add"] == 3 * expected["copy"]
+        assert expected["rev"] == 0 and expected["add"] % (4 * unit) == 0 and expected["copy"] % (4 * unit) == 0
         for task in TASKS:
             assert rec[f"num_samples/{task}"] == expected.get(task, 0)
         assert rec["mixture/weight/add"] == pytest.approx(0.75)
@@ -496,6 +500,9 @@ def test_schedule_uses_mixture_sampler_and_receives_metrics(tok, tmp_path):
     assert len(schedule.seen) == 3
     assert all("update_share/add" in m and "reward/add/mean" in m and "reward/rev/mean" not in m for m in schedule.seen)
     assert schedule.seen[-1]["reward/add/mean"] == records[-1]["reward/add/mean"]
+    # 3 batches x 2 units at weights 3:1: the quota gives add ceil/floor(0.75 x 6) units, within one unit
+    added = sum(rec["num_samples/add"] for rec in records) / (4 * unit)
+    assert 4 <= added <= 5 and all(rec["split_microbatches"] == 0 for rec in records)
 
 
 # ---------------------------------------------------------------------------------- example script
@@ -569,6 +576,9 @@ def test_grpo_example_two_processes_agree(tmp_path, prompts, gens):
         "--num-generations", str(gens), "--gradient-accumulation-steps", str(accum), "--max-completion-length", "4",
         "--output-dir", str(out),
     ]  # fmt: skip
+    mixed = gens < prompts * gens // accum  # micro-batches of 4 rows, groups of 2: they can mix tasks
+    if mixed:
+        cmd += ["--homogeneous", "false"]  # keep the mixed micro-batches (the split path under DDP)
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONPATH=str(root))
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False)
     log = f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
@@ -588,7 +598,7 @@ def test_grpo_example_two_processes_agree(tmp_path, prompts, gens):
         assert sum(r[f"num_samples/{t}"] for t in tasks) == global_rows, r
         assert sum(r.get(f"update_share/{t}", 0.0) for t in tasks) == pytest.approx(1.0, abs=1e-5)
     assert "ranks agree" in proc.stdout, log
-    if gens < prompts * gens // accum:  # micro-batches of 4 rows, groups of 2: some mix tasks
+    if mixed:
         assert any(r.get("split_microbatches", 0) > 0 for r in records), "no micro-batch was split: the case is not covered"
     # torch/gloo can abort (SIGABRT) while tearing down after a complete run; anything else is a failure
     if proc.returncode != 0:

@@ -88,6 +88,7 @@ BALANCED_FIELDS: dict[str, str] = {
     "balanced_log_dir": "log_dir",
     "balanced_write_jsonl": "write_jsonl",
     "balanced_order_by_task": "order_by_task",
+    "balanced_homogeneous": "homogeneous",
     "balanced_nonfinite": "nonfinite",
     "balanced_mismatch_tol": "mismatch_tol",
     "balanced_seed": "seed",
@@ -117,6 +118,7 @@ class BalancedGRPOConfig(GRPOConfig):
       (:data:`SCHEDULES`) and its keyword options; ``None`` keeps TRL's sampler.
     - ``balanced_log_dir``, ``balanced_write_jsonl``: the ``metrics.jsonl`` location and switch.
     - ``balanced_order_by_task``: ``auto``, ``true`` or ``false``.
+    - ``balanced_homogeneous``: ``auto``, ``true`` or ``false`` (single-task micro-batches by construction).
     - ``balanced_nonfinite``, ``balanced_mismatch_tol``, ``balanced_seed``: ``BalancedOptimizer`` options.
     - ``balanced_report_keys``: ``minimal``, ``standard`` or ``all`` keys to the ``report_to`` trackers.
     """
@@ -159,6 +161,10 @@ class BalancedGRPOConfig(GRPOConfig):
     balanced_order_by_task: str = dataclasses.field(
         default=_order_text(_default("order_by_task")),
         metadata={"help": "auto: re-order each step's rows by task where exact; false: keep TRL's order; true: require re-ordering."},
+    )
+    balanced_homogeneous: str = dataclasses.field(
+        default=_order_text(_default("homogeneous")),
+        metadata={"help": "auto: single-task micro-batches by construction where the batch geometry allows (else split, logged once); false: TRL's sampler; true: require it."},
     )
     balanced_nonfinite: str = dataclasses.field(
         default=_default("nonfinite"), metadata={"help": "NaN/Inf task gradients: error, skip_task or skip_step."}
@@ -204,6 +210,9 @@ class BalancedGRPOConfig(GRPOConfig):
         self.balanced_order_by_task = _order_text(self.balanced_order_by_task)
         if self.balanced_order_by_task not in ("auto", "true", "false"):
             raise ValueError(f"balanced_order_by_task must be auto, true or false, got {self.balanced_order_by_task!r}")
+        self.balanced_homogeneous = _order_text(self.balanced_homogeneous)
+        if self.balanced_homogeneous not in ("auto", "true", "false"):
+            raise ValueError(f"balanced_homogeneous must be auto, true or false, got {self.balanced_homogeneous!r}")
         from ..methods import make_method
 
         try:  # an unknown name or a bad option fails here, not at the first optimizer step
@@ -235,6 +244,7 @@ class BalancedGRPOConfig(GRPOConfig):
     def to_balanced_config(self) -> BalancedConfig:
         """The :class:`BalancedConfig` these fields describe (a fresh schedule object on every call)."""
         order = {"auto": "auto", "true": True, "false": False}[_order_text(self.balanced_order_by_task)]
+        homogeneous = {"auto": "auto", "true": True, "false": False}[_order_text(self.balanced_homogeneous)]
         return BalancedConfig(
             task_key=self.balanced_task_column,
             tasks=self.balanced_tasks,
@@ -245,6 +255,7 @@ class BalancedGRPOConfig(GRPOConfig):
             log_dir=self.balanced_log_dir,
             write_jsonl=self.balanced_write_jsonl,
             order_by_task=order,
+            homogeneous=homogeneous,
             nonfinite=self.balanced_nonfinite,
             mismatch_tol=self.balanced_mismatch_tol,
             seed=self.balanced_seed,

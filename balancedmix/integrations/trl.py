@@ -22,7 +22,11 @@ What the integration does (see ``docs/trl.md`` for the details and the exactness
 * **Single-task backwards** — after TRL's shuffle, the rows of every optimizer step's window of
   micro-batches are stably re-ordered by task (when the ``loss_type`` and config make the
   micro-batch grouping irrelevant to the gradient), so most micro-batches hold one task; their
-  backward is attributed with ``opt.task(name)``. A micro-batch that still mixes tasks is split:
+  backward is attributed with ``opt.task(name)``. With ``homogeneous="auto"`` (the default) the
+  training sampler's per-task quotas come in whole micro-batches (units of
+  ``lcm(per_device_train_batch_size, num_generations)`` rows, the same on every process), so
+  where the batch geometry allows, *every* micro-batch holds one task, the same at each
+  micro-step on every rank; where it does not, a warning says once why and how to fix it. A micro-batch that still mixes tasks is split:
   TRL's own ``_compute_loss`` runs on the whole micro-batch, but its policy forward is done per
   task sub-batch (rows of one task); the gradient of the loss with respect to each sub-batch's
   per-token log-probabilities (and entropies) is taken through the loss head only, and each
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -125,6 +130,7 @@ _ALL_ONLY_KEY = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)  # called for every key at every step: the regexes run once per key
 def report_key_level(key: str) -> str:
     """The lowest ``report_keys`` level at which a per-step metric ``key`` reaches the trackers.
 
@@ -179,6 +185,15 @@ class BalancedConfig:
             the gradient unchanged (see :data:`REORDER_SAFE_LOSS_TYPES`); ``False`` keeps TRL's
             order (every mixed micro-batch is split); ``True`` requires re-ordering and raises
             when the config makes it unsafe.
+        homogeneous: ``"auto"`` (default) makes every micro-batch single-task by construction
+            where the batch geometry allows: the training sampler is a
+            :class:`~balancedmix.sampler.MixtureSampler` (size-proportional weights without a
+            ``schedule``) whose per-task quotas are whole units of ``lcm(per_device_train_batch_size,
+            num_generations)`` rows on every process, and the re-order by task then fills each
+            micro-batch with one task — the same task at each micro-step on every rank. Where the
+            geometry or config does not allow it, micro-batches that mix tasks are split (exact),
+            and the reason and its fix are logged once. ``False`` keeps TRL's sampler (no
+            ``schedule``) or prompt-level quotas; ``True`` raises when it is not possible.
         nonfinite: ``BalancedOptimizer`` policy for NaN/Inf task gradients.
         mismatch_tol: ``BalancedOptimizer`` tolerance on the uniform-rescale check of ``p.grad``.
         seed: seed of the method's generator (PCGrad order); ``None`` uses ``args.seed``.
@@ -197,6 +212,7 @@ class BalancedConfig:
     log_dir: str | None = None
     write_jsonl: bool = True
     order_by_task: bool | str = "auto"
+    homogeneous: bool | str = "auto"
     nonfinite: str = "error"
     mismatch_tol: float = 1e-3
     seed: int | None = None
@@ -213,6 +229,8 @@ class BalancedConfig:
             raise ValueError(f"BalancedConfig.sketch_dim must be None or a positive integer, got {self.sketch_dim!r}")
         if self.order_by_task not in ("auto", True, False):
             raise ValueError(f"BalancedConfig.order_by_task must be 'auto', True or False, got {self.order_by_task!r}")
+        if self.homogeneous not in ("auto", True, False):
+            raise ValueError(f"BalancedConfig.homogeneous must be 'auto', True or False, got {self.homogeneous!r}")
         if not (isinstance(self.task_key, str) or callable(self.task_key)):
             raise TypeError(f"BalancedConfig.task_key must be a column name or a callable, got {self.task_key!r}")
         if self.tasks is not None:
@@ -404,6 +422,8 @@ class BalancedGRPOMixin:
         self._bm_reorder_reason = self._bm_check_reorder()
         if config.order_by_task is True and self._bm_reorder_reason is not None:
             raise ValueError(f"order_by_task=True, but re-ordering micro-batches by task would change the gradient: {self._bm_reorder_reason}")
+        self._bm_quota_unit, self._bm_homogeneous_reason = self._bm_plan_homogeneous()
+        self._bm_report_homogeneous()
         self.add_callback(_CloseLogCallback(self))
         if config.schedule is not None:
             self.add_callback(ScheduleCallback(config.schedule, lambda: self.last_balanced_metrics))
@@ -511,6 +531,66 @@ class BalancedGRPOMixin:
             return f"steps_per_generation={spg} and gradient_accumulation_steps={ga} do not divide one another"
         return None
 
+    def _bm_plan_homogeneous(self) -> tuple[int | None, str | None]:
+        """``(quota unit in prompts, None)`` when every micro-batch can be single-task by construction,
+        else ``(None, why not and the fix)``. ``(None, None)``: nothing to do (one task, or disabled)."""
+        cfg = self.balanced
+        if cfg.homogeneous is False or len(self.task_registry) < 2:
+            return None, None
+        args = self.args
+        b, g = args.per_device_train_batch_size, self.num_generations
+        spg, ga, procs = args.steps_per_generation, args.gradient_accumulation_steps, self.accelerator.num_processes
+        unit_rows = math.lcm(b, g)  # per process: whole micro-batches and whole GRPO groups
+        local_rows = b * spg
+        if self._bm_reorder_reason is not None:
+            return None, f"rows cannot be re-ordered by task ({self._bm_reorder_reason})"
+        if _is_streaming(getattr(self, "train_dataset", None)):
+            return None, "a streaming train_dataset is read in order, without a sampler; load it map-style"
+        if not getattr(self, "shuffle_dataset", True):
+            return None, "shuffle_dataset=False keeps the dataset order; leave it True"
+        if spg > ga:
+            return None, (
+                f"steps_per_generation={spg} > gradient_accumulation_steps={ga}: TRL's shuffle deals each optimizer "
+                "step a random subset of the generation batch; set steps_per_generation equal to "
+                "gradient_accumulation_steps (the default)"
+            )
+        if local_rows % unit_rows:
+            return None, (
+                f"a process's generation batch ({b} x {spg} = {local_rows} rows) is not a whole number of "
+                f"lcm(per_device_train_batch_size={b}, num_generations={g}) = {unit_rows} rows; set "
+                "per_device_train_batch_size to a multiple of num_generations (and of the rows per step)"
+            )
+        units = local_rows // unit_rows
+        prompts = local_rows * procs // g
+        if units < 2 and prompts > 1:
+            return None, (
+                f"a process's generation batch ({local_rows} rows) is a single unit of lcm(per_device_train_batch_size, "
+                f"num_generations) = {unit_rows} rows, so single-task micro-batches would make every optimizer step "
+                "single-task; raise gradient_accumulation_steps (with steps_per_generation) to 2 or more"
+            )
+        return procs * unit_rows // g, None
+
+    def _bm_report_homogeneous(self) -> None:
+        """Say once how micro-batches are made single-task, or why they cannot be (with the fix)."""
+        unit, reason = self._bm_quota_unit, self._bm_homogeneous_reason
+        if reason is not None:
+            if self.balanced.homogeneous is True:
+                raise ValueError(f"homogeneous=True, but micro-batches cannot all be single-task: {reason}")
+            logger.warning(
+                "balancedmix: micro-batches that mix tasks are split into per-task forwards (exact, but slower): %s", reason
+            )
+        elif unit is not None:
+            args = self.args
+            local_units = args.per_device_train_batch_size * args.steps_per_generation // math.lcm(
+                args.per_device_train_batch_size, self.num_generations
+            )
+            per_step = local_units * max(1, args.gradient_accumulation_steps // args.steps_per_generation)
+            logger.info(
+                "balancedmix: single-task micro-batches by construction: per-task quotas in units of %d prompts "
+                "(%d units per generation batch, so an optimizer step holds at most %d tasks)",
+                unit, local_units, per_step,
+            )
+
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         """Build the Trainer's optimizer as usual, then wrap it in a :class:`BalancedOptimizer`."""
         super().create_optimizer(model) if model is not None else super().create_optimizer()
@@ -548,7 +628,8 @@ class BalancedGRPOMixin:
 
     def _get_train_sampler(self, dataset: Any = None) -> Any:
         schedule = self.balanced.schedule
-        if schedule is None:
+        unit = self._bm_quota_unit
+        if schedule is None and unit is None:
             return super()._get_train_sampler(dataset)
         from ..sampler import MixtureSampler
 
@@ -567,6 +648,8 @@ class BalancedGRPOMixin:
             repeat_count=self.num_iterations * self.args.steps_per_generation,
             seed=self.args.seed,
             tasks=list(self.task_registry.names),
+            quota_unit=unit or 1,
+            shards=self.accelerator.num_processes if unit else 1,
         )
         return self.mixture_sampler
 
