@@ -44,6 +44,7 @@ EVERY_FIELD_ARGS = [
     "--balanced_mismatch_tol", "0.01",
     "--balanced_seed", "7",
     "--balanced_report_keys", "minimal",
+    "--balanced_sketch_dim", "4096",
 ]  # fmt: skip
 EVERY_FIELD_VALUES = {
     "balanced_task_column": "kind",
@@ -61,6 +62,7 @@ EVERY_FIELD_VALUES = {
     "balanced_mismatch_tol": 0.01,
     "balanced_seed": 7,
     "balanced_report_keys": "minimal",
+    "balanced_sketch_dim": 4096,
 }
 
 
@@ -71,6 +73,7 @@ def _check_every_field(args: BalancedGRPOConfig) -> None:
     assert (cfg.estimator, cfg.log_dir, cfg.write_jsonl, cfg.order_by_task) == ("split", "logs/x", False, False)
     assert cfg.homogeneous is False
     assert (cfg.nonfinite, cfg.mismatch_tol, cfg.seed, cfg.report_keys) == ("skip_task", 0.01, 7, "minimal")
+    assert cfg.sketch_dim == 4096
     assert isinstance(cfg.schedule, schedules.LearningProgress)
     assert (cfg.schedule.fast, cfg.schedule.slow, cfg.schedule.floor) == (0.3, 0.8, 0.1)
 

@@ -93,6 +93,7 @@ BALANCED_FIELDS: dict[str, str] = {
     "balanced_mismatch_tol": "mismatch_tol",
     "balanced_seed": "seed",
     "balanced_report_keys": "report_keys",
+    "balanced_sketch_dim": "sketch_dim",
 }
 """``BalancedGRPOConfig`` field → the :class:`BalancedConfig` field it sets."""
 
@@ -121,6 +122,7 @@ class BalancedGRPOConfig(GRPOConfig):
     - ``balanced_homogeneous``: ``auto``, ``true`` or ``false`` (single-task micro-batches by construction).
     - ``balanced_nonfinite``, ``balanced_mismatch_tol``, ``balanced_seed``: ``BalancedOptimizer`` options.
     - ``balanced_report_keys``: ``minimal``, ``standard`` or ``all`` keys to the ``report_to`` trackers.
+    - ``balanced_sketch_dim``: ``None`` (exact task buffers) or ``d`` (sketch mode, lagged corrections).
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["balanced_method_options", "balanced_schedule_options"]
@@ -178,6 +180,10 @@ class BalancedGRPOConfig(GRPOConfig):
     balanced_report_keys: str = dataclasses.field(
         default=_default("report_keys"),
         metadata={"help": "Per-step balancedmix keys sent to report_to trackers: " + ", ".join(REPORT_KEY_LEVELS) + " (metrics.jsonl keeps all)."},
+    )
+    balanced_sketch_dim: int | None = dataclasses.field(
+        default=_default("sketch_dim"),
+        metadata={"help": "None: exact per-task buffers (K x P); d: sketch mode, K x d values and lagged corrections (docs/diagnostics.md)."},
     )
 
     def __post_init__(self) -> None:
@@ -260,6 +266,7 @@ class BalancedGRPOConfig(GRPOConfig):
             mismatch_tol=self.balanced_mismatch_tol,
             seed=self.balanced_seed,
             report_keys=self.balanced_report_keys,
+            sketch_dim=self.balanced_sketch_dim,
         )
 
     def balanced_dict(self) -> dict[str, Any]:
