@@ -387,7 +387,7 @@ class PairedTimer:
     per-round ratio ``t_i / t_baseline(i)`` is one pair. :meth:`stop_reason` says when to stop:
     ``"precision"`` once every ratio's interval has a relative half-width ``≤ precision`` (after
     at least ``min_pairs`` rounds), ``"budget"`` once ``elapsed_s ≥ budget_s``, ``"max_pairs"``
-    at ``max_pairs`` rounds; ``None`` to go on.
+    at ``max_pairs`` rounds; ``None`` to go on. Nothing stops before ``min_pairs`` rounds.
     """
 
     def __init__(
@@ -434,10 +434,11 @@ class PairedTimer:
         return median_ci(self.ratios(i, j), self.confidence)
 
     def stop_reason(self, elapsed_s: float) -> str | None:
-        if self.rounds >= self.min_pairs:
-            cis = [self.ratio_ci(i) for i, b in enumerate(self.baselines) if b is not None]
-            if all(ci.rel_half_width <= self.precision for ci in cis):
-                return "precision"
+        if self.rounds < self.min_pairs:  # the budget never cuts the minimum short
+            return None
+        cis = [self.ratio_ci(i) for i, b in enumerate(self.baselines) if b is not None]
+        if all(ci.rel_half_width <= self.precision for ci in cis):
+            return "precision"
         if elapsed_s >= self.budget_s:
             return "budget"
         if self.rounds >= self.max_pairs:

@@ -240,3 +240,66 @@ def test_docs_page_has_one_marker_pair_per_group():
     for group in ("cpu", "gpu"):
         assert page.count(f"<!-- results:{group}:begin -->") == 1
         assert page.count(f"<!-- results:{group}:end -->") == 1
+
+
+def test_the_budget_never_cuts_the_minimum_number_of_pairs():
+    timer = PairedTimer([None, 0], precision=0.01, budget_s=1.0, min_pairs=6)
+    for _ in range(5):
+        timer.add_round([1.0, 1.3])
+        assert timer.stop_reason(elapsed_s=100.0) is None
+    timer.add_round([1.0, 1.3])
+    assert timer.stop_reason(elapsed_s=100.0) == "precision"  # identical ratios: zero width
+
+
+# ----------------------------------------------------------------------------- the distributed table (no processes)
+def _fake_row(variant, engine, base, ratios, buf=0, local=1000, comm=0, engine_bytes=4000):
+    return {"variant": variant, "engine": engine, "baseline_variant": base, "params": 1000, "local_numel_max": local,
+            "engine_grad_bytes_per_step": engine_bytes, "ddp_bytes_per_step": 0, "balancedmix_bytes_per_step": comm,
+            "buffer_bytes_per_rank": buf, "total_bytes_per_step": engine_bytes + comm, "ms_per_step_median": 10.0,
+            **(_paired(ratios) if base else {"pairs": len(ratios), "ratio": 1.0, "ratio_lo": None, "ratio_hi": None, "baseline": True})}
+
+
+def _paired(ratios):
+    ci = median_ci(ratios)
+    return {"pairs": len(ratios), "ratios": ratios, "ratio": ci.median, "ratio_lo": ci.lo, "ratio_hi": ci.hi, "ratio_coverage": ci.coverage}
+
+
+def test_ddp_suite_table_from_a_result(monkeypatch):
+    import benchmarks.ddp as ddp
+
+    ones = [1.0] * 8
+    result = {"world_size": 2, "micro_batches": 4, "tasks": 2, "steps": 8, "stop": "budget", "budget_s": 5.0, "precision": 0.01,
+              "rows": [
+                  _fake_row("plain", "ddp", None, ones),
+                  _fake_row("ddp_sum", "ddp", "plain", [1.3 + 0.01 * i for i in range(8)], buf=3 * 1000 * 4, comm=8000),
+                  _fake_row("fsdp2_plain", "fsdp2", None, ones, local=500, engine_bytes=16000),
+                  _fake_row("fsdp2_sum", "fsdp2", "fsdp2_plain", [1.0 + 0.001 * i for i in range(8)], buf=3 * 500 * 4, local=500,
+                            comm=216, engine_bytes=16000),
+              ]}
+
+    class Script:
+        @staticmethod
+        def launch(**kw):
+            assert kw["budget_s"] == 5.0 and kw["steps"] >= 6
+            return result
+
+    monkeypatch.setattr(ddp, "_load_script", lambda: Script)
+    suite = ddp.run(quick=True, repeats=6)
+    t = {x["name"].split(":")[0]: x for x in suite["targets"]}
+    assert t["DDP"]["verdict"] == "missed"  # [1.31, 1.36] > 1.15
+    assert t["FSDP2"]["met"] is True  # 3 rows × 500 × 4 bytes, shard < P
+    rows = {r["variant"]: r for r in suite["rows"]}
+    assert rows["fsdp2_sum"]["buffer_rows"] == 3 and rows["fsdp2_sum"]["k_shard_s"] == "3.91 KiB"
+    assert rows["plain"]["ratio_s"] == "1 (baseline)" and rows["ddp_sum"]["ratio_s"].startswith("1.335× [")
+    text = render_suite_text(suite)
+    assert "fsdp2_sum" in text and "**missed**" in text
+    # a buffer that is rows × P (not sharded) fails the check
+    result["rows"][3]["buffer_bytes_per_rank"] = 3 * 1000 * 4
+    suite = ddp.run(quick=True, repeats=6)
+    assert next(x for x in suite["targets"] if x["name"].startswith("FSDP2"))["met"] is False
+
+
+def render_suite_text(suite):
+    from benchmarks.common import render_suite
+
+    return render_suite("x", suite)
