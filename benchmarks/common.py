@@ -512,6 +512,16 @@ def paired_fields(timer: PairedTimer, i: int) -> dict[str, Any]:
     }
 
 
+def pair_ratio_row(num: dict[str, Any], den: dict[str, Any], confidence: float = 0.95) -> dict[str, Any] | None:
+    """The paired ratio ``num / den`` of two rows timed in the same rounds of :func:`time_paired`
+    (their ``times_s`` are aligned round by round), in the fields :func:`ratio_target` reads."""
+    a, b = num.get("times_s"), den.get("times_s")
+    if not a or not b or len(a) != len(b):
+        return None
+    ci = median_ci([x / y for x, y in zip(a, b)], confidence)
+    return {"pairs": ci.n, "ratio": ci.median, "ratio_lo": ci.lo, "ratio_hi": ci.hi, "ratio_coverage": ci.coverage}
+
+
 def fmt_ratio_ci(row: dict[str, Any]) -> str:
     """``1.012× [1.004, 1.020]`` from a row's ``ratio``/``ratio_lo``/``ratio_hi`` (no interval: ``[—]``)."""
     if row.get("ratio") is None:
