@@ -6,8 +6,9 @@ into a table. Engines: DDP (``sync="ddp"`` and ``sync="buffers"``) against plain
 variant's step time as a paired ratio to its engine's plain step with a 95 % interval
 (:class:`benchmarks.common.PairedTimer`), the payload each mode hands to the gradient
 collectives per rank and step (the engine's and balancedmix's ``comm_bytes``), and each rank's
-task-buffer bytes (``R`` rows × the local shard under FSDP2, × P under DDP). DeepSpeed ZeRO rows
-are listed as skipped with the reason until balancedmix supports DeepSpeed.
+task-buffer bytes (``R`` rows × the local shard under FSDP2 and ZeRO-2/3, × P under DDP). The
+DeepSpeed ZeRO-2/3 rows run when ``deepspeed`` and ``balancedmix.distributed.deepspeed`` are
+importable, and are listed as skipped with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -35,18 +36,10 @@ def _load_script() -> Any:
     return module
 
 
-def deepspeed_skip_reasons() -> list[str]:
-    """Why the ZeRO-2/3 rows are not measured (empty when they could be)."""
-    if importlib.util.find_spec("deepspeed") is None:
-        return ["DeepSpeed ZeRO-2/3 rows: deepspeed is not installed (`pip install balancedmix[deepspeed]`)"]
-    try:
-        from balancedmix import distributed as bdist
-    except ImportError as exc:  # pragma: no cover - balancedmix itself is importable in every run
-        return [f"DeepSpeed ZeRO-2/3 rows: balancedmix.distributed not importable ({exc})"]
-    if not any("deepspeed" in name.lower() or "zero" in name.lower() for name in dir(bdist)):
-        return ["DeepSpeed ZeRO-2/3 rows: this balancedmix has no DeepSpeed engine yet (DeepSpeed is refused with "
-                "UnsupportedDistributedError), so there is nothing to compare against plain ZeRO"]
-    return []
+def zero_skip_reason(module: Any) -> str | None:
+    """Why the DeepSpeed ZeRO-2/3 rows cannot be measured here (None when they can)."""
+    reason = module.zero_unavailable() if hasattr(module, "zero_unavailable") else "the script has no ZeRO variants"
+    return None if reason is None else f"DeepSpeed ZeRO-2/3 rows: {reason}"
 
 
 def run(quick: bool = False, repeats: int = 5, budget_s: float | None = None, precision: float = 0.01) -> dict[str, Any]:
@@ -56,9 +49,11 @@ def run(quick: bool = False, repeats: int = 5, budget_s: float | None = None, pr
         return _empty(f"DDP row: {SCRIPT} not found")
     budget_s = budget_s if budget_s is not None else (5.0 if quick else 180.0)
     module = _load_script()
+    zero_skip = zero_skip_reason(module)
+    variants = ",".join(module.VARIANTS + (() if zero_skip else module.ZERO_VARIANTS))
     try:
         result = module.launch(steps=max(repeats, 6), micro=MICRO, tasks=TASKS, budget_s=budget_s, precision=precision,
-                               timeout=300 + 2 * budget_s)
+                               timeout=300 + 2 * budget_s, variants=variants)
     except Exception as exc:  # noqa: BLE001 - report, do not abort the other suites
         return _empty(f"DDP/FSDP2 rows failed: {exc}")
     rows = result["rows"]
@@ -87,14 +82,18 @@ def run(quick: bool = False, repeats: int = 5, budget_s: float | None = None, pr
     targets = []
     if "ddp_sum" in by_name:
         targets.append(ratio_target("DDP: balancedmix sum (sync='ddp') step ÷ plain DDP step (issue 17 item 3)", by_name["ddp_sum"], 1.15))
-    fsdp_bal = [r for r in rows if r["engine"] == "fsdp2" and r["buffer_bytes_per_rank"]]
-    if fsdp_bal:
-        # documented (docs/distributed.md): R = K task rows + 1 untagged row, each of the local shard
-        sharded = all(r["buffer_bytes_per_rank"] == (k + 1) * r["local_numel_max"] * 4
-                      and r["local_numel_max"] < r["params"] for r in fsdp_bal)
-        targets.append(target("FSDP2: task buffers per rank == (K + 1) rows × local shard × 4 B, local shard < P (1 = yes)",
-                              1.0 if sharded else 0.0, 1.0, ">="))
-    skipped = deepspeed_skip_reasons()
+    for engine, label in (("fsdp2", "FSDP2"), ("zero2", "ZeRO-2"), ("zero3", "ZeRO-3")):
+        bal = [r for r in rows if r["engine"] == engine and r["buffer_bytes_per_rank"]]
+        if bal:
+            # documented (docs/distributed.md): R = K task rows + 1 untagged row, each of the local shard
+            sharded = all(r["buffer_bytes_per_rank"] == (k + 1) * r["local_numel_max"] * 4
+                          and r["local_numel_max"] < r["params"] for r in bal)
+            targets.append(target(f"{label}: task buffers per rank == (K + 1) rows × local shard × 4 B, local shard < P (1 = yes)",
+                                  1.0 if sharded else 0.0, 1.0, ">="))
+    for engine, plain in (("zero2", "zero2_plain"), ("zero3", "zero3_plain")):
+        if plain not in by_name and not zero_skip:
+            zero_skip = f"DeepSpeed {engine} rows: not in the result"
+    skipped = [zero_skip] if zero_skip else []
     notes = [
         f"examples/ddp_benchmark.py: MLP with P = {rows[0]['params']:,}, {result['micro_batches']} micro-batches of 32 rows "
         f"per rank, K = {k}, world size {result['world_size']}, gloo on CPU, 1 thread per process; every variant built "
@@ -105,10 +104,13 @@ def run(quick: bool = False, repeats: int = 5, budget_s: float | None = None, pr
         "balancedmix's fused buffer all-reduce; each rank runs its own task order. FSDP2: `fully_shard` per linear "
         "layer and on the root, `fsdp2_plain` syncs every micro-step (the mode balancedmix needs), `fsdp2_accum` "
         "reduce-scatters once per step (the usual accumulation, for reference); the same task at each micro-step on "
-        "both ranks",
+        "both ranks. ZeRO-2/3: `deepspeed.initialize` with a torch SGD (plain) or the BalancedOptimizer bound with "
+        "`balancedmix.distributed.deepspeed.attach` (DS_ACCELERATOR=cpu, fp32, gradient_accumulation_steps = M), the "
+        "same task at each micro-step on both ranks",
         "bytes = payload handed to the gradient collectives per rank and step: DDP's all-reduce (4·P), FSDP2's "
         "reduce-scatter (4·P per synced micro-step; its parameter all-gathers are the same with and without "
-        "balancedmix and are not counted), balancedmix's `comm_bytes`; task buffers = `buffer_bytes` (the largest "
+        "balancedmix and are not counted), ZeRO-2/3's gradient reduction (4·P per micro-step; ZeRO-3's parameter "
+        "all-gathers not counted), balancedmix's `comm_bytes`; task buffers = `buffer_bytes` (the largest "
         "rank's), rows = K task rows + 1 untagged row",
     ]
     return {

@@ -56,10 +56,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.commo
 
 VARIANTS = ("plain", "ddp_sum", "ddp_normalize", "buffers_sum", "buffers_normalize",
             "fsdp2_plain", "fsdp2_accum", "fsdp2_sum", "fsdp2_normalize")
+#: DeepSpeed ZeRO variants (``--variants``; the benchmark suite adds them when DeepSpeed and
+#: ``balancedmix.distributed.deepspeed`` are importable)
+ZERO_VARIANTS = ("zero2_plain", "zero2_sum", "zero2_normalize", "zero3_plain", "zero3_sum", "zero3_normalize")
 #: each variant's baseline: its ratio is taken against this variant's time in the same round
 BASELINE = {"plain": None, "ddp_sum": "plain", "ddp_normalize": "plain", "buffers_sum": "plain",
             "buffers_normalize": "plain", "fsdp2_plain": None, "fsdp2_accum": "fsdp2_plain",
-            "fsdp2_sum": "fsdp2_plain", "fsdp2_normalize": "fsdp2_plain"}
+            "fsdp2_sum": "fsdp2_plain", "fsdp2_normalize": "fsdp2_plain",
+            "zero2_plain": None, "zero2_sum": "zero2_plain", "zero2_normalize": "zero2_plain",
+            "zero3_plain": None, "zero3_sum": "zero3_plain", "zero3_normalize": "zero3_plain"}
+
+
+def zero_unavailable() -> str | None:
+    """Why the ZeRO variants cannot run here (None when they can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed (pip install 'balancedmix[deepspeed]')"
+    if importlib.util.find_spec("balancedmix.distributed.deepspeed") is None:
+        return "this balancedmix has no DeepSpeed engine (balancedmix.distributed.deepspeed)"
+    return None
 
 
 def _mlp():
@@ -83,7 +99,12 @@ class _Variant:
         model = _mlp()
         self.n_params = sum(p.numel() for p in model.parameters())
         self.fsdp = variant.startswith("fsdp2")
-        if self.fsdp:
+        self.zero = int(variant[4]) if variant.startswith("zero") else 0
+        self.engine: Any = None
+        if self.zero:
+            self.module = model
+            self.local_numel = -(-self.n_params // world)  # replaced by the partition's size below
+        elif self.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
@@ -104,19 +125,38 @@ class _Variant:
         method = variant.rsplit("_", 1)[-1]
         self.balanced = method not in ("plain", "accum")
         if self.balanced:
-            kw = {} if self.fsdp else {"sync": variant.split("_")[0]}
+            kw = {} if (self.fsdp or self.zero) else {"sync": variant.split("_")[0]}
             self.opt: Any = BalancedOptimizer(inner, tasks=tasks, method=method, **kw)
         else:
             self.opt = inner
+        if self.zero:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            import deepspeed
+
+            config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": micro,
+                      "zero_optimization": {"stage": self.zero}, "zero_allow_untested_optimizer": True,
+                      "steps_per_print": 10**9}
+            self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.opt, config=config)
+            if self.balanced:
+                from balancedmix.distributed.deepspeed import attach
+
+                attach(self.engine)
+            self.local_numel = _zero_partition_numel(self.engine, self.local_numel)
         g = torch.Generator().manual_seed(rank)
         self.data = [(torch.randn(32, 256, generator=g), torch.randn(32, 256, generator=g)) for _ in range(micro)]
         # DDP: each rank its own task order (attribution is local); FSDP2: the same task at each
         # micro-step on every rank (its reduce-scatter averages the ranks)
-        self.schedule = [tasks[(i + (0 if self.fsdp else rank)) % num_tasks] for i in range(micro)]
+        self.schedule = [tasks[(i + (0 if (self.fsdp or self.zero) else rank)) % num_tasks] for i in range(micro)]
         self.micro = micro
 
     def step(self) -> None:
         micro = self.micro
+        if self.zero:  # DeepSpeed divides the loss by its accumulation steps and steps at the boundary
+            for i, (x, y) in enumerate(self.data):
+                with self.opt.task(self.schedule[i]) if self.balanced else nullcontext():
+                    self.engine.backward(((self.engine(x) - y) ** 2).mean())
+                self.engine.step()
+            return
         for i, (x, y) in enumerate(self.data):
             last = i == micro - 1
             if self.fsdp:
@@ -140,27 +180,40 @@ class _Variant:
         p4 = self.n_params * 4
         if self.fsdp:  # reduce-scatter of the P float32 gradients: every micro-step, or once (accum)
             engine = p4 * (1 if self.variant == "fsdp2_accum" else self.micro)
+        elif self.zero:  # ZeRO-2/3 reduce the gradients at every micro-step
+            engine = p4 * self.micro
         else:
             engine = 0 if self.variant.startswith("buffers") else p4
         local_max = torch.tensor([float(self.local_numel)], dtype=torch.float64)
         dist.all_reduce(local_max, op=dist.ReduceOp.MAX)
         row: dict[str, Any] = {
-            "variant": self.variant, "engine": "fsdp2" if self.fsdp else "ddp", "baseline_variant": BASELINE[self.variant],
+            "variant": self.variant, "engine": f"zero{self.zero}" if self.zero else ("fsdp2" if self.fsdp else "ddp"), "baseline_variant": BASELINE[self.variant],
             "params": self.n_params, "local_numel_max": int(local_max.item()),
-            "engine_grad_bytes_per_step": int(engine), "ddp_bytes_per_step": 0 if self.fsdp else int(engine),
+            "engine_grad_bytes_per_step": int(engine), "ddp_bytes_per_step": 0 if (self.fsdp or self.zero) else int(engine),
             "balancedmix_bytes_per_step": 0, "buffer_bytes_per_rank": 0,
         }
         if self.balanced:
             d = self.opt.diagnostics()
             row["balancedmix_bytes_per_step"] = int(d["comm_bytes"])
             row["buffer_bytes_per_rank"] = int(d["buffer_bytes"])
-            row["kind"] = self.opt.distributed.kind
+            row["kind"] = getattr(self.opt.distributed, "kind", type(self.opt.distributed).__name__)
         row["total_bytes_per_step"] = row["engine_grad_bytes_per_step"] + row["balancedmix_bytes_per_step"]
         return row
 
     def close(self) -> None:
         if self.balanced:
             self.opt.remove_hooks()
+
+
+def _zero_partition_numel(engine: Any, default: int) -> int:
+    """Elements of this rank's fp32 gradient partition (ZeRO-1/2: ``single_partition_of_fp32_groups``,
+    ZeRO-3: ``fp32_partitioned_groups_flat``); ``default`` when neither is found."""
+    zopt = engine.optimizer
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        groups = getattr(zopt, attr, None)
+        if groups:
+            return int(sum(t.numel() for t in groups))
+    return default
 
 
 def run_paired(variants: list[str], micro: int, num_tasks: int, warmup: int, budget_s: float, precision: float,
@@ -230,9 +283,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo")
     variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(set(variants) - set(VARIANTS) - set(ZERO_VARIANTS))
     if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS + ZERO_VARIANTS)}")
+    if any(v.startswith("zero") for v in variants) and zero_unavailable():
+        raise SystemExit(f"ZeRO variants requested but {zero_unavailable()}")
     for v in variants:  # a ratio needs its baseline in the same rounds
         if BASELINE[v] is not None and BASELINE[v] not in variants:
             variants.insert(0, BASELINE[v])

@@ -278,8 +278,16 @@ def test_ddp_suite_table_from_a_result(monkeypatch):
               ]}
 
     class Script:
+        VARIANTS = ("plain", "ddp_sum", "fsdp2_plain", "fsdp2_sum")
+        ZERO_VARIANTS = ("zero2_plain",)
+
+        @staticmethod
+        def zero_unavailable():
+            return "deepspeed is not installed"
+
         @staticmethod
         def launch(**kw):
+            assert "zero" not in kw["variants"]
             assert kw["budget_s"] == 5.0 and kw["steps"] >= 6
             return result
 
@@ -293,6 +301,8 @@ def test_ddp_suite_table_from_a_result(monkeypatch):
     assert rows["plain"]["ratio_s"] == "1 (baseline)" and rows["ddp_sum"]["ratio_s"].startswith("1.335× [")
     text = render_suite_text(suite)
     assert "fsdp2_sum" in text and "**missed**" in text
+    assert suite["skipped"] == ["DeepSpeed ZeRO-2/3 rows: deepspeed is not installed"]
+    assert "skipped: DeepSpeed ZeRO-2/3 rows: deepspeed is not installed" in text
     # a buffer that is rows × P (not sharded) fails the check
     result["rows"][3]["buffer_bytes_per_rank"] = 3 * 1000 * 4
     suite = ddp.run(quick=True, repeats=6)
