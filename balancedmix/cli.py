@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "any work starts. The demo writes into OUT.partial and renames it to OUT when complete; a non-empty OUT is "
         "refused unless --overwrite.",
     )
-    demo.add_argument("--methods", type=_methods, default=["sum", "normalize", "pcgrad"], help="comma-separated balancedmix methods, baseline first (default: sum,normalize,pcgrad)")
+    demo.add_argument("--methods", type=_methods, default=None, help="comma-separated balancedmix methods, baseline first (default: the preset's: sum,normalize; quick and gpu: sum,normalize,pcgrad)")
     demo.add_argument(
         "--schedule",
         default=None,
@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seeds",
         type=_positive,
-        default=1,
-        help="RL seeds per method (SEED, SEED+1, ...): the report compares methods paired by seed and prompt, with 95%% intervals (default: 1)",
+        default=None,
+        help="RL seeds per method (SEED, SEED+1, ...): the report compares methods paired by seed and prompt, with 95%% intervals (default: the preset's: 8; quick 1; gpu 3)",
     )
     demo.add_argument(
         "--overwrite",

@@ -365,6 +365,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """
         if self._replaced_by is not None:
             raise ParametersChangedError(self._replaced_by)
+        if self._dist.engine_driven:
+            return  # the engine (DeepSpeed ZeRO) owns param_groups (flat partitions; ZeRO-3 empties them between steps)
         signature = self._current_signature()
         if signature == self._signature:
             return
@@ -424,9 +426,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """
         self._check_parameters("refresh()")
 
-    def _install(self) -> None:
-        """(Re-)detect the engine and hook every trainable parameter of the optimizer (nothing pending)."""
-        params = self._trainable(self.optimizer.param_groups)
+    def _install(self, params: Sequence[torch.Tensor] | None = None, dist: SyncStrategy | None = None) -> None:
+        """Hook every trainable parameter of the optimizer (or ``params``) under the detected engine
+        (or ``dist``, given by an engine's ``attach``). Nothing may be pending."""
+        params = self._trainable(self.optimizer.param_groups) if params is None else list(params)
         unique: list[torch.Tensor] = []
         seen: set[int] = set()
         for p in params:
@@ -434,7 +437,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 seen.add(id(p))
                 unique.append(p)
         self._check_hookable(unique)
-        dist = detect_distributed(unique, self.optimizer, self._sync_mode)
+        if dist is None:
+            dist = detect_distributed(unique, self.optimizer, self._sync_mode)
         # a live wrapper already hooking one of these parameters is replaced (its hooks removed)
         for old in {id(o): o for p in unique if (o := _owner_of(p)) is not None and o is not self}.values():
             if old._replaced_by is None:
@@ -598,7 +602,18 @@ class BalancedOptimizer(torch.optim.Optimizer):
             self._row_counts[row] = self._row_counts.get(row, 0) + 1
         self._active_row = row
         self._in_context = True
-        self._dist.enter_task(self._params)
+        try:
+            self._dist.enter_task(self._params)
+        except BaseException:  # the strategy refused (DeepSpeed not attached): undo this block's bookkeeping
+            self._active_row = None
+            self._in_context = False
+            if row != _DISCARD:
+                self._microbatches[index] -= 1
+                self._row_counts[row] -= 1
+                for counts, key in ((self._microbatches, index), (self._row_counts, row)):
+                    if counts[key] == 0:
+                        del counts[key]
+            raise
         try:
             yield name
         finally:
@@ -794,6 +809,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
         of one fixed objective ``Σ_t c_t L_t``). :meth:`diagnostics` describe the first
         evaluation and add ``closure_evaluations``. See ``docs/optimizers.md``.
         """
+        if self._dist.engine_driven:
+            # DeepSpeed ZeRO calls the inner optimizer through this wrapper once per parameter group;
+            # the balancing already ran in the pre-step hook on ZeRO's step() (see distributed/deepspeed.py)
+            return self.optimizer.step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -855,6 +874,33 @@ class BalancedOptimizer(torch.optim.Optimizer):
             return out
 
         return evaluate, calls
+
+    @torch.no_grad()
+    def _balance_for_engine(self) -> bool:
+        """Everything ``step()`` does except the inner step, for an engine that runs the inner step itself.
+
+        Called by the engine strategy's pre-step hook (DeepSpeed ZeRO) with ``p.grad`` of the
+        wrapper's parameters (the rank's gradient partitions) set to the gradients the engine is
+        about to apply; the correction is written into them. Returns whether the step should run.
+        """
+        try:
+            run_inner = self._prepare_step()
+        finally:
+            self._reset()
+        self.num_steps += 1
+        if self.on_step is not None:
+            self.on_step(dict(self._diagnostics))
+        return run_inner
+
+    def _rebind(self, strategy: SyncStrategy, params: Sequence[torch.Tensor] | None = None) -> None:
+        """Switch to ``strategy`` and re-install on ``params`` (default: the optimizer's current parameters).
+
+        Called by an engine's ``attach`` (DeepSpeed ZeRO replaces ``param_groups`` by the rank's
+        flat partitions; ZeRO-3 empties them between steps) before any gradient is captured.
+        """
+        if self._pending():
+            raise RuntimeError("cannot re-bind the BalancedOptimizer in the middle of a step (gradients captured)")
+        self._install(params, strategy)
 
     def _prepare_step(self) -> bool:
         """Everything before the inner step. Returns whether to run the inner step."""

@@ -553,14 +553,20 @@ def test_single_process_detection_and_deepspeed(monkeypatch: pytest.MonkeyPatch)
     assert isinstance(detect(list(model.parameters()), None), SingleProcess)
     with pytest.raises(ValueError, match="sync must be"):
         detect(list(model.parameters()), None, sync="nope")
+    # built for DeepSpeed (accelerate's flag, ZeRO-3 parameters): usable only once attached to the engine
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(UnsupportedDistributedError, match="DeepSpeed is not supported"):
-        BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"])
+    assert opt.distributed.kind == "deepspeed-pending"
+    with pytest.raises(UnsupportedDistributedError, match="attach"):
+        with opt.task("a"):
+            pass
+    assert not opt._in_context and not opt._microbatches  # the refused block left nothing behind
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     p = next(model.parameters())
     p.ds_id = 3  # what ZeRO-3 attaches to its parameters
-    with pytest.raises(UnsupportedDistributedError, match="ZeRO-3"):
-        BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"])
+    with pytest.raises(UnsupportedDistributedError, match="ZeRO-3.*attach"):
+        opt.step()
 
 
 # ----------------------------------------------------------------------------- the documented example

@@ -64,6 +64,9 @@ class DemoConfig:
     ``None`` leaves torch's setting). One is the fastest for these tiny models: more threads
     gain nothing on matrices this small and lose a lot when the cores are shared (measured 7×
     slower warm-start steps with 2 threads on a loaded 2-core machine).
+    ``methods`` and ``seeds``: what ``balancedmix demo`` runs without ``--methods``/``--seeds``;
+    the default preset compares ``normalize`` with ``sum`` on 8 RL seeds, sized so that the
+    interval of the mean-accuracy difference is about ±0.03 (docs/demo.md has the measurement).
     """
 
     hidden_size: int = 64
@@ -81,6 +84,8 @@ class DemoConfig:
     learning_rate: float = 3e-4
     temperature: float = 1.0
     stratified: bool = True
+    methods: tuple[str, ...] = ("sum", "normalize")
+    seeds: int = 8
     device: str = "cpu"
     cpu_threads: int | None = 1
     suite: SuiteConfig = SuiteConfig()
@@ -95,6 +100,8 @@ class DemoConfig:
             )
         if self.grpo_steps < 1 or self.sft_steps < 1:
             raise ValueError(f"grpo_steps and sft_steps must be >= 1, got {self.grpo_steps}, {self.sft_steps}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -104,7 +111,16 @@ class DemoConfig:
 PRESETS: dict[str, DemoConfig] = {
     # CI: about a minute on 2 CPU cores
     "quick": DemoConfig(
-        hidden_size=48, num_layers=2, n_train=128, n_eval=32, sft_steps=250, grpo_steps=6, prompts_per_step=8, micro_batch_size=4
+        hidden_size=48,
+        num_layers=2,
+        n_train=128,
+        n_eval=32,
+        sft_steps=250,
+        grpo_steps=6,
+        prompts_per_step=8,
+        micro_batch_size=4,
+        methods=DEFAULT_METHODS,
+        seeds=1,
     ),
     # the README's command: a few minutes on 2 CPU cores
     "default": DemoConfig(),
@@ -123,6 +139,8 @@ PRESETS: dict[str, DemoConfig] = {
         num_generations=8,
         micro_batch_size=32,
         learning_rate=3e-4,
+        methods=DEFAULT_METHODS,
+        seeds=3,
         device="cuda",
     ),
 }
@@ -290,17 +308,18 @@ def _staging(out: Path) -> Path:
 
 def check_demo_args(
     out: str | os.PathLike[str] = "balancedmix_demo",
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     schedule: str | None = None,
     steps: int | None = None,
     seed: int = 0,
     preset: str | DemoConfig = "default",
     overwrite: bool = False,
-    seeds: int = 1,
+    seeds: int | None = None,
 ) -> tuple[DemoConfig, list[tuple[str, str, str | None]]]:
     """Check every argument of :func:`run_demo` without doing any work (no model, no file).
 
-    Returns the config and the runs ``(name, method, schedule spec)``. Raises ``ValueError``
+    Returns the config (with ``seeds`` and ``methods`` resolved: ``None`` takes the preset's) and
+    the runs ``(name, method, schedule spec)``. Raises ``ValueError``
     naming the bad argument and the fix: unknown preset/method, a method that needs options
     (``weights``), a method listed twice, a schedule that does not parse or does not fit the
     suite's tasks, a seed outside ``[0, 2**32)`` (``seed + seeds - 1`` included), fewer than one
@@ -319,11 +338,14 @@ def check_demo_args(
         cfg = dataclasses.replace(cfg, grpo_steps=steps)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r} (numpy and the HF Trainer reject others)")
+    if seeds is None:
+        seeds = cfg.seeds
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive integer (the number of RL seeds per method), got {seeds!r}")
     if seed + seeds - 1 >= 2**32:
         raise ValueError(f"seeds {seed}..{seed + seeds - 1} run past 2**32 - 1; lower --seed or --seeds")
-    methods = list(methods)
+    cfg = dataclasses.replace(cfg, seeds=seeds)
+    methods = list(cfg.methods if methods is None else methods)
     if not methods and schedule is None:
         raise ValueError("nothing to run: give at least one method or a schedule")
     known = available_methods()
@@ -378,7 +400,7 @@ def check_demo_args(
 
 def run_demo(
     out: str | os.PathLike[str] = "balancedmix_demo",
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     schedule: str | None = None,
     steps: int | None = None,
     seed: int = 0,
@@ -386,7 +408,7 @@ def run_demo(
     progress: bool = True,
     report: bool = True,
     overwrite: bool = False,
-    seeds: int = 1,
+    seeds: int | None = None,
 ) -> Path:
     """Run the demo; returns the path of ``OUT/report.md`` (or of ``OUT`` when ``report=False``).
 
@@ -396,7 +418,7 @@ def run_demo(
             so an interrupted demo leaves ``out`` unchanged (and its partial runs, each with
             an ``INCOMPLETE`` marker, in ``<out>.partial``, removed by the next demo).
         methods: balancedmix methods, one GRPO run each, all from the same warm start; the
-            first ``"sum"`` is the baseline (put it first).
+            first ``"sum"`` is the baseline (put it first). ``None``: the preset's.
         schedule: optional mixture schedule spec (see :func:`parse_schedule`): one extra run
             with ``method="sum"`` and that schedule, named ``sum+<spec>``.
         steps: GRPO optimizer steps per run (default: the preset's).
@@ -405,7 +427,7 @@ def run_demo(
             seed from the same warm start and evaluated on the same held-out prompts, so the
             report compares methods paired by seed and prompt, with confidence intervals
             (``docs/significance.md``). Run folders: ``OUT/<run>`` for the first seed,
-            ``OUT/<run>.seed<s>`` for the others.
+            ``OUT/<run>.seed<s>`` for the others. ``None``: the preset's.
         preset: ``"quick"``, ``"default"``, ``"gpu"`` or a :class:`DemoConfig`.
         progress: show a tqdm progress bar (stderr).
         report: write the report after the runs.
@@ -431,7 +453,7 @@ def run_demo(
     if cfg.device == "cpu" and cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
     try:
-        run_dirs = _run_all(cfg, runs, stage, seed, preset, progress, seeds)
+        run_dirs = _run_all(cfg, runs, stage, seed, preset, progress, cfg.seeds)
         if report:
             from ..analysis import load_runs, write_report
 

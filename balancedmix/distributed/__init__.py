@@ -38,7 +38,11 @@
     float64 all-reduce of ``R² + R + …`` scalars. The combination is applied locally. No full
     gradient is ever gathered.
 
-DeepSpeed ZeRO is not supported; :func:`detect` raises :class:`UnsupportedDistributedError`.
+``deepspeed`` (:class:`~balancedmix.distributed.deepspeed.DeepSpeedSync`)
+    DeepSpeed ZeRO-1/2/3, bound by :func:`balancedmix.distributed.deepspeed.attach` after
+    ``deepspeed.initialize`` / ``accelerator.prepare``; before that (accelerate's
+    ``ACCELERATE_USE_DEEPSPEED``, ZeRO-3 parameters) :func:`detect` returns a pending strategy
+    that refuses to capture or step until attached. See ``distributed/deepspeed.py``.
 
 Rules every collective here follows: its number, order, dtype and shape depend only on static
 configuration (declared tasks, estimator, parameters, world size) or on numbers already agreed
@@ -152,10 +156,12 @@ def detect(params: Sequence[torch.Tensor], optimizer: Any, sync: str = "auto") -
         raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
     reason = _deepspeed_reason(params, optimizer)
     if reason is not None:
-        raise UnsupportedDistributedError(
-            f"DeepSpeed is not supported by balancedmix yet: {reason}. Use DDP (accelerate MULTI_GPU / "
-            "MULTI_CPU) or FSDP2 (fully_shard / accelerate fsdp_version=2) instead."
-        )
+        # the wrapper is about to be handed to DeepSpeed (accelerate / the HF Trainer): it works once
+        # balancedmix.distributed.deepspeed.attach(engine) has bound it to the engine's partitions
+        from .deepspeed import DeepSpeedPending
+
+        rank, world = _dist_world()
+        return DeepSpeedPending(rank, world, reason)
     dts = [_is_dtensor(p) for p in params]
     rank, world = _dist_world()
     if any(dts):
@@ -207,8 +213,11 @@ class SyncStrategy:
     defers_task_errors = False
     #: bytes of the last partial-dot-product all-reduce (FSDP2)
     stats_bytes = 0
-    #: how the last step was synchronised: "single", "ddp", "buffers" or "fsdp2"
+    #: how the last step was synchronised: "single", "ddp", "buffers", "fsdp2", "zero1", "zero2"
     last_mode = "single"
+    #: the engine runs the inner optimizer step itself, after a pre-step hook that calls
+    #: ``BalancedOptimizer._balance_for_engine()`` (DeepSpeed ZeRO-1/2); ``step()`` then only forwards
+    engine_driven = False
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """The rank-local plain tensor behind a parameter or gradient (identity outside FSDP2)."""

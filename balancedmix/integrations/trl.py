@@ -715,6 +715,7 @@ class BalancedGRPOMixin:
 
     # ------------------------------------------------------------------ loss and backward
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        self._bm_attach_deepspeed(model)
         t0 = time.perf_counter()
         opt = self.balanced_optimizer
         if opt is not None and self._bm_microbatches == 0:
@@ -757,6 +758,21 @@ class BalancedGRPOMixin:
             return False
         return isinstance(model, FSDPModule)
 
+    def _bm_attach_deepspeed(self, model: Any) -> None:
+        """DeepSpeed: bind the wrapper to the engine once, before the first backward (see distributed/deepspeed.py)."""
+        opt = self.balanced_optimizer
+        if opt is None or opt.distributed.kind != "deepspeed-pending" or not getattr(self, "is_deepspeed_enabled", False):
+            return
+        from ..distributed import UnsupportedDistributedError
+        from ..distributed.deepspeed import attach
+
+        engine = model if hasattr(model, "zero_optimization_stage") else self.model_wrapped
+        if engine.zero_optimization_stage() == 0:
+            raise UnsupportedDistributedError(
+                "BalancedGRPOTrainer under DeepSpeed ZeRO-0 is not supported (untested); use ZeRO-1/2/3 or DDP"
+            )
+        attach(engine, opt)
+
     def _bm_ddp_buffers_sync(self) -> bool:
         """Several processes with DDP (not FSDP2): every micro-step runs under ``no_sync``."""
         opt = getattr(self, "balanced_optimizer", None)
@@ -788,6 +804,8 @@ class BalancedGRPOMixin:
             # order at every micro-step. The union of the tasks present on any rank, in registry order, is
             # run on every rank (a task absent here gets a zero-weight one-row block).
             aligned = self._bm_tasks_on_any_rank(task_ids)
+        elif opt.distributed.kind == "deepspeed":  # one task per micro-batch (ZeRO-2/3: the same on every rank)
+            opt.distributed.check_microbatch(present, len(self.task_registry))
         if len(present) == 1 and (aligned is None or aligned == [int(present[0])]):
             stack.enter_context(opt.task(self.task_registry.name(int(present[0]))))
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
