@@ -36,7 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 
-def run_cpu_suite(name: str, quick: bool, repeats: int) -> dict[str, Any]:
+PAIRED_SUITES = ("overhead", "methods", "scaling", "ddp")  # ratios with intervals; take --budget
+
+
+def run_cpu_suite(name: str, quick: bool, repeats: int, budget_s: float | None = None) -> dict[str, Any]:
     if name == "overhead":
         from .overhead import run
     elif name == "methods":
@@ -53,6 +56,8 @@ def run_cpu_suite(name: str, quick: bool, repeats: int) -> dict[str, Any]:
         from .sketch import run
     else:
         raise ValueError(f"unknown suite {name!r}; choose from {', '.join(CPU_SUITES)}")
+    if name in PAIRED_SUITES and budget_s is not None:
+        return run(quick=quick, repeats=repeats, budget_s=budget_s)
     return run(quick=quick, repeats=repeats)
 
 
@@ -111,6 +116,10 @@ def update_docs(markdown: str, suite: str, path: Path = DOCS) -> None:
     text = path.read_text()
     if begin not in text or end not in text:
         raise ValueError(f"{path} has no {begin} ... {end} markers")
+    for marker in (begin, end):
+        if text.count(marker) != 1:
+            raise ValueError(f"{path} has {text.count(marker)} {marker} markers (exactly one expected): "
+                             "the text between repeated markers would survive the update")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{begin}\n{markdown.rstrip()}\n{end}{tail}")
@@ -124,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<suite>)")
     p.add_argument("--quick", action="store_true", help="toy sizes, for a smoke run (seconds to minutes)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 5; quick 1)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of paired timing per group of compared configurations in the overhead, methods, scaling "
+                        "and ddp suites (default 90 per K, 90 per K, 120, 180; quick 3-5): rounds stop earlier once "
+                        "every ratio's 95%% interval has a half-width <= 1%%")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CPU_SUITES)}")
     p.add_argument("--update-docs", action="store_true", help="copy the tables into docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -132,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 5)
     if repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.budget is not None and args.budget <= 0:
+        parser.error("--budget must be > 0 seconds")
     only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
     if only:
         unknown = sorted(set(only) - set(CPU_SUITES))
@@ -156,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             # the anchors cost 2-6 plain steps each and their ratios are large: 3 repeats keep the CPU
             # suite within ~15 min; the overhead suite's few-percent ratios keep the full count
             n = min(repeats, 3) if name in CAPPED_SUITES and args.repeats is None else repeats
-            suite = run_cpu_suite(name, args.quick, n) if group == "cpu" else run_gpu_suite(name, args.quick, n)
+            suite = run_cpu_suite(name, args.quick, n, args.budget) if group == "cpu" else run_gpu_suite(name, args.quick, n)
             suite["repeats"] = n
+            if group == "cpu" and name in PAIRED_SUITES:
+                suite["budget_s"] = args.budget
             suite["elapsed_s"] = time.perf_counter() - t
             results["suites"][group][name] = suite
             print(f"[benchmarks] {group}/{name}: {suite['elapsed_s']:.1f} s", file=sys.stderr, flush=True)

@@ -12,6 +12,15 @@ after one untimed warm-up step each, so that load drifting on a shared machine h
 alike; the figure reported is the median over the repeats. On a GPU the runners are built and
 timed one after another instead (they would not all fit in memory), with
 ``torch.cuda.synchronize()`` around every timed step.
+
+Ratios that a target is stated on are measured with :func:`time_paired` (CPU): the
+configurations alternate step by step on the same batches (the order reversed every round), each
+round gives one ratio per configuration against its baseline, and the reported ratio is the
+median of those per-round ratios with a distribution-free confidence interval for the median
+(:func:`median_ci`, order statistics of Binomial(n, 1/2)). Rounds continue until every interval's
+half-width is at most ``precision`` (1 % of the ratio by default) or the time budget is spent
+(:class:`PairedTimer`); a target is then **met** (the whole interval on the right side of the
+limit), **missed** (the whole interval on the wrong side) or **undecided** (:func:`verdict`).
 """
 
 from __future__ import annotations
@@ -43,6 +52,12 @@ __all__ = [
     "microbatch_loss",
     "Runner",
     "time_runners",
+    "MedianCI",
+    "median_ci",
+    "verdict",
+    "PairedTimer",
+    "time_paired",
+    "ratio_target",
     "synchronize",
     "target",
     "render_suite",
@@ -283,6 +298,255 @@ def median_time(fn: Callable[[], Any], repeats: int, device: str = "cpu", warmup
     return statistics.median(ts)
 
 
+# ----------------------------------------------------------------------------- paired ratios with intervals
+@dataclass(frozen=True)
+class MedianCI:
+    """The sample median of ``n`` values and a confidence interval ``[lo, hi]`` for the median.
+
+    ``coverage`` is the interval's exact coverage for any continuous distribution
+    (``1 − 2·P(B ≤ j − 1)``, ``B ~ Binomial(n, 1/2)``), at least the confidence asked for.
+    ``lo``/``hi`` are ``None`` when ``n`` is too small for that confidence (fewer than 6 values
+    at 95 %: even the sample's extremes cover the median with probability ``1 − 2^(1−n)`` only).
+    """
+
+    median: float
+    lo: float | None
+    hi: float | None
+    n: int
+    coverage: float | None
+
+    @property
+    def half_width(self) -> float:
+        """``(hi − lo) / 2`` (``inf`` without an interval)."""
+        if self.lo is None or self.hi is None:
+            return math.inf
+        return (self.hi - self.lo) / 2
+
+    @property
+    def rel_half_width(self) -> float:
+        """``half_width / |median|`` (``inf`` without an interval or for a zero median)."""
+        hw = self.half_width
+        return math.inf if math.isinf(hw) or self.median == 0 else hw / abs(self.median)
+
+
+def _binom_cdf_half(k: int, n: int) -> float:
+    """``P(B ≤ k)`` for ``B ~ Binomial(n, 1/2)``, exactly (integers, then one division)."""
+    if k < 0:
+        return 0.0
+    return sum(math.comb(n, i) for i in range(min(k, n) + 1)) / 2**n
+
+
+def median_ci(values: Sequence[float], confidence: float = 0.95) -> MedianCI:
+    """Median of ``values`` and its distribution-free confidence interval (order statistics).
+
+    With ``x_(1) ≤ … ≤ x_(n)`` sorted, ``P(x_(j) ≤ m < x_(n−j+1)) = 1 − 2·P(B ≤ j − 1)`` for the
+    true median ``m`` of any continuous distribution, ``B ~ Binomial(n, 1/2)`` (the number of
+    values below ``m``). The largest ``j`` with ``P(B ≤ j − 1) ≤ (1 − confidence)/2`` gives the
+    shortest such interval with at least the asked coverage. Needs only independent draws
+    from one distribution: no normality, robust to the outliers a shared machine produces.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    xs = sorted(float(v) for v in values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_ci needs at least one value")
+    if any(math.isnan(v) for v in xs):
+        raise ValueError("median_ci: a value is NaN")
+    med = statistics.median(xs)
+    alpha_half = (1.0 - confidence) / 2
+    j = 0  # 1-based rank of the lower bound; 0 = no interval reaches the confidence
+    while j + 1 <= n // 2 and _binom_cdf_half(j, n) <= alpha_half:
+        j += 1
+    if j == 0:
+        return MedianCI(med, None, None, n, None)
+    coverage = 1.0 - 2.0 * _binom_cdf_half(j - 1, n)
+    return MedianCI(med, xs[j - 1], xs[n - j], n, coverage)
+
+
+def verdict(ci: MedianCI | None, limit: float, kind: str = "<=") -> str:
+    """``"met"`` / ``"missed"`` / ``"undecided"`` for the target ``median kind limit``.
+
+    Met: the whole interval satisfies the target; missed: the whole interval violates it;
+    undecided: the interval straddles the limit, or there is no interval (too few pairs).
+    """
+    if kind not in ("<=", ">="):
+        raise ValueError(f"kind must be '<=' or '>=', got {kind!r}")
+    if ci is None or ci.lo is None or ci.hi is None:
+        return "undecided"
+    if kind == "<=":
+        return "met" if ci.hi <= limit else ("missed" if ci.lo > limit else "undecided")
+    return "met" if ci.lo >= limit else ("missed" if ci.hi < limit else "undecided")
+
+
+class PairedTimer:
+    """Bookkeeping of paired, interleaved timing rounds and the stopping rule (no clock inside).
+
+    ``baselines[i]`` is the index of configuration ``i``'s baseline, or ``None`` for a baseline.
+    Each :meth:`add_round` takes one time per configuration measured in the same round; the
+    per-round ratio ``t_i / t_baseline(i)`` is one pair. :meth:`stop_reason` says when to stop:
+    ``"precision"`` once every ratio's interval has a relative half-width ``≤ precision`` (after
+    at least ``min_pairs`` rounds), ``"budget"`` once ``elapsed_s ≥ budget_s``, ``"max_pairs"``
+    at ``max_pairs`` rounds; ``None`` to go on. Nothing stops before ``min_pairs`` rounds.
+    """
+
+    def __init__(
+        self,
+        baselines: Sequence[int | None],
+        precision: float = 0.01,
+        budget_s: float = 60.0,
+        confidence: float = 0.95,
+        min_pairs: int = 6,
+        max_pairs: int = 400,
+    ) -> None:
+        n = len(baselines)
+        for i, b in enumerate(baselines):
+            if b is not None and not (0 <= b < n and baselines[b] is None):
+                raise ValueError(f"configuration {i}: baseline {b!r} is not a baseline configuration index")
+        if precision <= 0 or budget_s < 0 or min_pairs < 1 or max_pairs < min_pairs:
+            raise ValueError(f"bad stopping rule: precision={precision}, budget_s={budget_s}, min_pairs={min_pairs}, max_pairs={max_pairs}")
+        self.baselines = list(baselines)
+        self.precision = precision
+        self.budget_s = budget_s
+        self.confidence = confidence
+        self.min_pairs = min_pairs
+        self.max_pairs = max_pairs
+        self.times: list[list[float]] = [[] for _ in baselines]
+
+    @property
+    def rounds(self) -> int:
+        return len(self.times[0]) if self.times else 0
+
+    def add_round(self, times: Sequence[float]) -> None:
+        if len(times) != len(self.times):
+            raise ValueError(f"a round needs {len(self.times)} times, got {len(times)}")
+        for ts, t in zip(self.times, times):
+            ts.append(float(t))
+
+    def ratios(self, i: int, j: int | None = None) -> list[float]:
+        """Per-round ratios ``t_i / t_j`` (``j`` defaults to ``i``'s baseline)."""
+        j = self.baselines[i] if j is None else j
+        if j is None:
+            return [1.0] * self.rounds
+        return [a / b for a, b in zip(self.times[i], self.times[j])]
+
+    def ratio_ci(self, i: int, j: int | None = None) -> MedianCI:
+        return median_ci(self.ratios(i, j), self.confidence)
+
+    def stop_reason(self, elapsed_s: float) -> str | None:
+        if self.rounds < self.min_pairs:  # the budget never cuts the minimum short
+            return None
+        cis = [self.ratio_ci(i) for i, b in enumerate(self.baselines) if b is not None]
+        if all(ci.rel_half_width <= self.precision for ci in cis):
+            return "precision"
+        if elapsed_s >= self.budget_s:
+            return "budget"
+        if self.rounds >= self.max_pairs:
+            return "max_pairs"
+        return None
+
+
+def time_paired(
+    factories: Sequence[Callable[[], Runner]],
+    baselines: Sequence[int | None] | None = None,
+    budget_s: float = 60.0,
+    precision: float = 0.01,
+    confidence: float = 0.95,
+    min_pairs: int = 6,
+    max_pairs: int = 400,
+    device: str = "cpu",
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[dict[str, Any]]:
+    """Paired, interleaved timing: one step of every runner per round, until :class:`PairedTimer` stops.
+
+    ``baselines`` defaults to "runner 0 is everyone's baseline". The order within a round is
+    reversed every other round (so no configuration always runs right after another). Each row
+    has ``times_s``, ``median_s``, ``pairs``, ``ratios``, ``ratio`` (median of the per-round
+    ratios), ``ratio_lo``/``ratio_hi`` (its interval), ``ratio_coverage``, ``ratio_half_width``
+    and ``stop`` (why the rounds ended: ``precision``, ``budget``, ``max_pairs``).
+    """
+    baselines = list(baselines) if baselines is not None else [None] + [0] * (len(factories) - 1)
+    timer = PairedTimer(baselines, precision, budget_s, confidence, min_pairs, max_pairs)
+    runners = [f() for f in factories]
+    for r in runners:
+        for _ in range(warmup):
+            r.step()
+    start = clock()
+    order = list(range(len(runners)))
+    reason = None
+    while reason is None:
+        times = [0.0] * len(runners)
+        for i in order if timer.rounds % 2 == 0 else order[::-1]:
+            synchronize(device)
+            t0 = clock()
+            runners[i].step()
+            synchronize(device)
+            times[i] = clock() - t0
+        timer.add_round(times)
+        reason = timer.stop_reason(clock() - start)
+    rows = []
+    for i, r in enumerate(runners):
+        row = _row(r, timer.times[i])
+        rows.append({**row, **paired_fields(timer, i), "stop": reason})
+        r.close()
+    del runners
+    gc.collect()
+    return rows
+
+
+def paired_fields(timer: PairedTimer, i: int) -> dict[str, Any]:
+    """The ratio columns of configuration ``i`` (for rows built outside :func:`time_paired`)."""
+    if timer.baselines[i] is None:
+        return {"pairs": timer.rounds, "ratios": [], "ratio": 1.0, "ratio_lo": None, "ratio_hi": None,
+                "ratio_coverage": None, "ratio_half_width": None, "baseline": True}
+    ci = timer.ratio_ci(i)
+    return {
+        "pairs": timer.rounds,
+        "ratios": [round(x, 6) for x in timer.ratios(i)],
+        "ratio": ci.median,
+        "ratio_lo": ci.lo,
+        "ratio_hi": ci.hi,
+        "ratio_coverage": ci.coverage,
+        "ratio_half_width": None if math.isinf(ci.half_width) else ci.half_width,
+    }
+
+
+def pair_ratio_row(num: dict[str, Any], den: dict[str, Any], confidence: float = 0.95) -> dict[str, Any] | None:
+    """The paired ratio ``num / den`` of two rows timed in the same rounds of :func:`time_paired`
+    (their ``times_s`` are aligned round by round), in the fields :func:`ratio_target` reads."""
+    a, b = num.get("times_s"), den.get("times_s")
+    if not a or not b or len(a) != len(b):
+        return None
+    ci = median_ci([x / y for x, y in zip(a, b)], confidence)
+    return {"pairs": ci.n, "ratio": ci.median, "ratio_lo": ci.lo, "ratio_hi": ci.hi, "ratio_coverage": ci.coverage}
+
+
+def fmt_ratio_ci(row: dict[str, Any]) -> str:
+    """``1.012× [1.004, 1.020]`` from a row's ``ratio``/``ratio_lo``/``ratio_hi`` (no interval: ``[—]``)."""
+    if row.get("ratio") is None:
+        return "—"
+    if row.get("baseline"):
+        return "1 (baseline)"
+    lo, hi = row.get("ratio_lo"), row.get("ratio_hi")
+    return f"{row['ratio']:.3f}× " + ("[—]" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]")
+
+
+def ratio_target(name: str, row: dict[str, Any] | None, limit: float, kind: str = "<=", confidence: float = 0.95) -> dict[str, Any]:
+    """A target on a paired ratio: value = the median ratio, with its interval and verdict.
+
+    ``met`` is True / False / None for met / missed / undecided (``not measured`` when ``row`` is None).
+    """
+    if row is None or row.get("ratio") is None:
+        t = target(name, None, limit, kind)
+        t["verdict"] = "not measured"
+        return t
+    ci = MedianCI(row["ratio"], row.get("ratio_lo"), row.get("ratio_hi"), int(row.get("pairs", 0)), row.get("ratio_coverage"))
+    v = verdict(ci, limit, kind)
+    return {"name": name, "value": row["ratio"], "lo": ci.lo, "hi": ci.hi, "pairs": ci.n, "limit": limit, "kind": kind,
+            "confidence": confidence, "verdict": v, "met": {"met": True, "missed": False}.get(v)}
+
+
 # ----------------------------------------------------------------------------- targets and tables
 def target(name: str, value: float | None, limit: float, kind: str = "<=") -> dict[str, Any]:
     """A target line: ``value kind limit`` (``met`` is None when the value could not be measured)."""
@@ -339,12 +603,29 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 def render_targets(targets: Sequence[dict[str, Any]]) -> str:
     if not targets:
         return ""
-    lines = ["| target | measured | limit | met |", "|---|---|---|---|"]
+    with_ci = any("verdict" in t for t in targets)
+
+    def num(v: float | None) -> str:
+        return "—" if v is None else (f"{v:.3g}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.3f}")
+
+    if with_ci:
+        lines = ["| target | measured (median) | 95 % CI (pairs) | limit | verdict |", "|---|---|---|---|---|"]
+    else:
+        lines = ["| target | measured | limit | met |", "|---|---|---|---|"]
     for t in targets:
-        met = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        v = t["value"]
-        val = "—" if v is None else (f"{v:.3g}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.3f}")
-        lines.append(f"| {t['name']} | {val} | {t['kind']} {t['limit']} | {met} |")
+        if "verdict" in t:
+            met = t["verdict"] if t["verdict"] == "not measured" else f"**{t['verdict']}**"
+        else:
+            met = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+        if with_ci:
+            if "verdict" in t:
+                lo, hi = t.get("lo"), t.get("hi")
+                ci = f"[{num(lo)}, {num(hi)}] ({t.get('pairs', 0)})" if lo is not None and hi is not None else f"— ({t.get('pairs', 0)})"
+            else:
+                ci = "—"
+            lines.append(f"| {t['name']} | {num(t['value'])} | {ci} | {t['kind']} {t['limit']} | {met} |")
+        else:
+            lines.append(f"| {t['name']} | {num(t['value'])} | {t['kind']} {t['limit']} | {met} |")
     return "\n".join(lines)
 
 

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from .common import QUICK_LLAMA, TINY_LLAMA, ModelSpec, Runner, Workload, fmt_ratio, fmt_time, rel_diff, target, time_runners
+from .common import (QUICK_LLAMA, TINY_LLAMA, ModelSpec, Runner, Workload, fmt_ratio, fmt_ratio_ci, fmt_time, pair_ratio_row,
+                     ratio_target, rel_diff, target, time_paired, time_runners)
 from .overhead import FULL_WORKLOAD, QUICK_WORKLOAD
 from .runners import (
     balanced_runner,
@@ -144,8 +145,16 @@ def run(
     dtype: torch.dtype = torch.float32,
     workload: Workload | None = None,
     extended_k: int = 4,
+    budget_s: float | None = None,
+    precision: float = 0.01,
 ) -> dict[str, Any]:
-    """Run the methods/anchors suite; returns the suite dict."""
+    """Run the methods/anchors suite; returns the suite dict.
+
+    On CPU each K group is timed paired and interleaved (:func:`benchmarks.common.time_paired`,
+    at least ``max(6, repeats)`` rounds, then until every ratio to plain has a half-width ``≤
+    precision`` or ``budget_s`` seconds per K are spent: default 90, quick 3); the speed-up targets
+    are paired ratios between two configurations of the same rounds, with their intervals."""
+    budget_s = budget_s if budget_s is not None else (3.0 if quick else 90.0)
     spec = spec or (QUICK_LLAMA if quick else TINY_LLAMA)
     workload = workload or (QUICK_WORKLOAD if quick else FULL_WORKLOAD)
     ks = ks or ((2, 4) if quick else (2, 4, 8))
@@ -154,47 +163,61 @@ def run(
     rows: list[dict[str, Any]] = []
     for k in ks:
         pairs = _factories(spec, workload, k, k == extended_k, device, dtype, skipped)
-        group = time_runners([f for _, f in pairs], repeats, device=device, interleave=not cuda)
+        if cuda:
+            group = time_runners([f for _, f in pairs], repeats, device=device, interleave=False)
+        else:
+            group = time_paired([f for _, f in pairs], budget_s=budget_s, precision=precision, min_pairs=max(6, repeats), device=device)
         for (key, _), r in zip(pairs, group):
             r["key"] = key
         base = group[0]["median_s"]
-        ref = next((r["median_s"] for r in group if r["key"] == "ref:pcgrad"), None)
+        ref_row = next((r for r in group if r["key"] == "ref:pcgrad"), None)
         for r in group:
-            r["ratio"] = r["median_s"] / base
-            r["speedup_vs_ref"] = (ref / r["median_s"]) if ref else None
+            if cuda:
+                r["ratio"] = r["median_s"] / base
+                r["speedup_vs_ref"] = (ref_row["median_s"] / r["median_s"]) if ref_row else None
+                r["ref_s"] = fmt_ratio(r["speedup_vs_ref"])
+            else:
+                sp = pair_ratio_row(ref_row, r) if ref_row else None
+                r["speedup_vs_ref"] = sp["ratio"] if sp else None
+                r["ref_s"] = fmt_ratio_ci(sp) if sp else "—"
             r["time"] = fmt_time(r["median_s"])
-            r["ratio_s"] = fmt_ratio(r["ratio"])
-            r["ref_s"] = fmt_ratio(r["speedup_vs_ref"])
+            r["ratio_s"] = fmt_ratio(r["ratio"]) if cuda else fmt_ratio_ci(r)
         rows += group
     checks: list[dict[str, Any]] = []
     check_ks = (2, extended_k) if extended_k in ks else (ks[0],)
     for k in sorted(set(check_ks)):
         checks += agreement(spec, workload, k, device=device, dtype=dtype)
 
-    def med(k: int, key: str) -> float | None:
-        return next((r["median_s"] for r in rows if r["K"] == k and r["key"] == key), None)
+    def row(k: int, key: str) -> dict[str, Any] | None:
+        return next((r for r in rows if r["K"] == k and r["key"] == key), None)
 
-    def div(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b is not None else None
+    def tgt(name: str, k: int, num: str, den: str, limit: float, kind: str) -> dict[str, Any]:
+        a, b = row(k, num), row(k, den)
+        if cuda or a is None or b is None:
+            value = a["median_s"] / b["median_s"] if a is not None and b is not None else None
+            return target(name, value, limit, kind) if cuda else ratio_target(name, None, limit, kind)
+        return ratio_target(name, pair_ratio_row(a, b), limit, kind)
 
     targets = []
     kt = extended_k if extended_k in ks else ks[0]
-    targets.append(target(f"reference PCGrad ÷ balancedmix pcgrad, K={kt}", div(med(kt, "ref:pcgrad"), med(kt, "bm:pcgrad")), 3.5, ">="))
-    targets.append(target(f"torchjd PCGrad ÷ balancedmix pcgrad, K={kt}", div(med(kt, "torchjd:pcgrad"), med(kt, "bm:pcgrad")), 2.0, ">="))
-    targets.append(target(f"torchjd UPGrad ÷ balancedmix upgrad, K={kt}", div(med(kt, "torchjd:upgrad"), med(kt, "bm:upgrad")), 2.0, ">="))
-    targets.append(target(f"LibMTL PCGrad ÷ balancedmix pcgrad, K={kt}", div(med(kt, "libmtl:pcgrad"), med(kt, "bm:pcgrad")), 2.0, ">="))
+    targets.append(tgt(f"reference PCGrad ÷ balancedmix pcgrad, K={kt}", kt, "ref:pcgrad", "bm:pcgrad", 3.5, ">="))
+    targets.append(tgt(f"torchjd PCGrad ÷ balancedmix pcgrad, K={kt}", kt, "torchjd:pcgrad", "bm:pcgrad", 2.0, ">="))
+    targets.append(tgt(f"torchjd UPGrad ÷ balancedmix upgrad, K={kt}", kt, "torchjd:upgrad", "bm:upgrad", 2.0, ">="))
+    targets.append(tgt(f"LibMTL PCGrad ÷ balancedmix pcgrad, K={kt}", kt, "libmtl:pcgrad", "bm:pcgrad", 2.0, ">="))
     for k in ks:
-        targets.append(target(f"reference ÷ balancedmix pcgrad ≥ 0.8·K, K={k}", div(med(k, "ref:pcgrad"), med(k, "bm:pcgrad")), 0.8 * k, ">="))
+        targets.append(tgt(f"reference ÷ balancedmix pcgrad ≥ 0.8·K, K={k}", k, "ref:pcgrad", "bm:pcgrad", 0.8 * k, ">="))
     for k in ks:
-        targets.append(target(f"balancedmix pcgrad ÷ plain, K={k}", div(med(k, "bm:pcgrad"), med(k, "plain")), 1.05))
+        targets.append(tgt(f"balancedmix pcgrad ÷ plain, K={k}", k, "bm:pcgrad", "plain", 1.05, "<="))
     for c in checks:
         if c["same_algorithm"]:
             targets.append(target(f"agreement (rel. diff) K={c['K']}: {c['check']}", c["rel_diff"], AGREEMENT_TOL))
     versions = {"torchjd": torchjd_available(), "LibMTL": libmtl_version()}
     notes = [
         f"model {spec.name} (P = {rows[0]['P']:,}) on {device}, {workload.num_microbatches} micro-batches of "
-        f"{workload.batch}×{workload.seq} tokens per step, AdamW; median of {repeats} timed steps after 1 warm-up, "
-        + ("interleaved per K group" if not cuda else "one configuration after another"),
+        f"{workload.batch}×{workload.seq} tokens per step, AdamW; "
+        + (f"paired interleaved rounds per K group after 1 warm-up (ratio per round, median and distribution-free 95 % "
+           f"interval), until every ratio to plain has a half-width ≤ {precision:.0%} or {budget_s:.0f} s per K (at least "
+           f"{max(6, repeats)} rounds)" if not cuda else f"median of {repeats} timed steps, one configuration after another"),
         f"anchor versions: torchjd {versions['torchjd']}, LibMTL {versions['LibMTL']} (installed with --no-deps; only "
         "its weighting modules are imported — LibMTL/__init__ needs torchvision)",
         "balancedmix: one backward per task-homogeneous micro-batch, the correction computed from the K×K Gram of the "
@@ -206,7 +229,9 @@ def run(
         "buffers stay float32); MGDA is not compared (torchjd and LibMTL solve it "
         "approximately with Frank–Wolfe, balancedmix exactly)",
     ]
-    columns = [("K", "K"), ("configuration", "name"), ("median step", "time"), ("× plain", "ratio_s"), ("reference ÷ this", "ref_s")]
+    columns = [("K", "K"), ("configuration", "name"), ("median step", "time"),
+               ("× plain" if cuda else "× plain, median of pairs [95 % CI]", "ratio_s"),
+               ("reference ÷ this" if cuda else "reference ÷ this [95 % CI]", "ref_s")] + ([] if cuda else [("pairs", "pairs")])
     return {
         "suite": "methods",
         "device": device,

@@ -28,8 +28,11 @@ from .common import (
     Workload,
     fmt_bytes,
     fmt_ratio,
+    fmt_ratio_ci,
     fmt_time,
+    ratio_target,
     target,
+    time_paired,
     time_runners,
 )
 from .runners import balanced_runner, plain_runner
@@ -53,8 +56,18 @@ def run(
     spec: ModelSpec | None = None,
     dtype: torch.dtype = torch.float32,
     workload: Workload | None = None,
+    budget_s: float | None = None,
+    precision: float = 0.01,
 ) -> dict[str, Any]:
-    """Run the overhead suite; returns the suite dict (rows, tables, targets, notes)."""
+    """Run the overhead suite; returns the suite dict (rows, tables, targets, notes).
+
+    On CPU the three configurations of each K are timed paired and interleaved
+    (:func:`benchmarks.common.time_paired`): rounds go on until the 95 % interval of every
+    ratio has a half-width ``≤ precision`` or ``budget_s`` seconds (per K; default 90, quick 3)
+    are spent, with at least ``max(6, repeats)`` rounds. On CUDA they are timed one after
+    another, ``repeats`` steps each, and the targets carry no interval.
+    """
+    budget_s = budget_s if budget_s is not None else (3.0 if quick else 90.0)
     spec = spec or (QUICK_LLAMA if quick else TINY_LLAMA)
     workload = workload or (QUICK_WORKLOAD if quick else FULL_WORKLOAD)
     ks = ks or ((2, 4) if quick else (2, 4, 8))
@@ -71,13 +84,17 @@ def run(
             lambda k=k, wl=wl: balanced_runner(spec, wl, k, "sum", "raw", **common),
             lambda k=k, wl=wl: balanced_runner(spec, wl, k, "sum", "split", **common),
         ]
-        group = time_runners(factories, repeats, device=device, interleave=not cuda)
+        if cuda:
+            group = time_runners(factories, repeats, device=device, interleave=False)
+        else:
+            group = time_paired(factories, budget_s=budget_s, precision=precision, min_pairs=max(6, repeats), device=device)
         for r in group:
             r["tokens_per_microbatch"] = wl.batch * wl.seq
         base = group[0]["median_s"]
         for r in group:
-            r["ratio"] = r["median_s"] / base
-            r["extra_ms"] = (r["median_s"] - base) * 1e3
+            if cuda:
+                r["ratio"] = r["median_s"] / base
+            r["extra_ms"] = (r["ratio"] - 1.0) * base * 1e3  # the median ratio applied to the plain median
             if r["impl"] == "balancedmix":
                 per = 2 if r["estimator"] == "split" else 1
                 counts = [len(range(t, wl.num_microbatches, k)) for t in range(k)]
@@ -85,7 +102,7 @@ def run(
                 r["expected_bytes"] = sum(min(per, c) for c in counts) * r["P"] * 4
                 r["bytes_as_documented"] = r.get("extra_bytes") == r["expected_bytes"]
             r["time"] = fmt_time(r["median_s"])
-            r["ratio_s"] = fmt_ratio(r["ratio"])
+            r["ratio_s"] = fmt_ratio(r["ratio"]) if cuda else fmt_ratio_ci(r)
             r["extra_s"] = fmt_bytes(r.get("extra_bytes"))
             r["expected_s"] = fmt_bytes(r.get("expected_bytes"))
             if "peak_bytes" in r:
@@ -94,28 +111,33 @@ def run(
 
     short_tokens = workload.batch * workload.seq
 
-    def ratio_of(k: int, est: str, tokens: int = short_tokens) -> float | None:
+    def row_of(k: int, est: str, tokens: int = short_tokens) -> dict[str, Any] | None:
         for r in rows:
             if r["K"] == k and r["impl"] == "balancedmix" and r["estimator"] == est and r["tokens_per_microbatch"] == tokens:
-                return r["ratio"]
+                return r
         return None
 
+    def tgt(name: str, row: dict[str, Any] | None, limit: float) -> dict[str, Any]:
+        if cuda:  # no pairs on the GPU path: a point estimate
+            return target(name, None if row is None else row["ratio"], limit)
+        return ratio_target(name, row, limit)
+
     targets = [
-        target(f"sum/raw step ÷ plain step, K={k_target}, {short_tokens} tokens/micro-batch", ratio_of(k_target, "raw"), 1.03),
-        target(f"sum/split step ÷ plain step, K={k_target}, {short_tokens} tokens/micro-batch", ratio_of(k_target, "split"), 1.06),
+        tgt(f"sum/raw step ÷ plain step, K={k_target}, {short_tokens} tokens/micro-batch", row_of(k_target, "raw"), 1.03),
+        tgt(f"sum/split step ÷ plain step, K={k_target}, {short_tokens} tokens/micro-batch", row_of(k_target, "split"), 1.06),
     ]
     for k in ks:
         if k != k_target:
-            targets.append(target(f"sum/raw step ÷ plain step, K={k}, {short_tokens} tokens/micro-batch", ratio_of(k, "raw"), 1.03))
+            targets.append(tgt(f"sum/raw step ÷ plain step, K={k}, {short_tokens} tokens/micro-batch", row_of(k, "raw"), 1.03))
     if any(k == k_target and wl is LONG_WORKLOAD for k, wl in plan):
         long_tokens = LONG_WORKLOAD.batch * LONG_WORKLOAD.seq
-        targets.append(target(f"sum/raw step ÷ plain step, K={k_target}, {long_tokens} tokens/micro-batch", ratio_of(k_target, "raw", long_tokens), 1.03))
-        targets.append(target(f"sum/split step ÷ plain step, K={k_target}, {long_tokens} tokens/micro-batch", ratio_of(k_target, "split", long_tokens), 1.06))
+        targets.append(tgt(f"sum/raw step ÷ plain step, K={k_target}, {long_tokens} tokens/micro-batch", row_of(k_target, "raw", long_tokens), 1.03))
+        targets.append(tgt(f"sum/split step ÷ plain step, K={k_target}, {long_tokens} tokens/micro-batch", row_of(k_target, "split", long_tokens), 1.06))
     bal = [r for r in rows if r["impl"] == "balancedmix"]
     exact = all(r.get("bytes_as_documented") for r in bal)
     targets.append(target("extra memory == documented K×P×4 B (raw) / 2K×P×4 B (split, tasks with ≥ 2 micro-batches) (1 = yes)", 1.0 if exact else 0.0, 1.0, ">="))
-    columns = [("K", "K"), ("tokens/micro-batch", "tokens_per_microbatch"), ("configuration", "name"), ("median step", "time"), ("× plain", "ratio_s"),
-               ("extra ms/step", "extra_ms"), ("extra bytes", "extra_s"), ("documented", "expected_s"),
+    columns = [("K", "K"), ("tokens/micro-batch", "tokens_per_microbatch"), ("configuration", "name"), ("median step", "time"), ("× plain" if cuda else "× plain, median of pairs [95 % CI]", "ratio_s"),
+               ("pairs", "pairs"), ("extra ms/step", "extra_ms"), ("extra bytes", "extra_s"), ("documented", "expected_s"),
                ("as documented", "bytes_as_documented")]
     if cuda:
         columns.append(("peak memory", "peak_s"))
@@ -124,8 +146,12 @@ def run(
         f"model {spec.name} (P = {p:,} parameters, {str(dtype).replace('torch.', '')}) on {device}; "
         f"{workload.num_microbatches} micro-batches of {workload.batch}×{workload.seq} tokens per step "
         f"(and {LONG_WORKLOAD.batch}×{LONG_WORKLOAD.seq} at K={k_target}), "
-        f"micro-batch m belongs to task m mod K; AdamW(lr=1e-4); median of {repeats} timed steps after 1 warm-up"
-        + ("; configurations timed interleaved (round-robin)" if not cuda else "; configurations timed one after another"),
+        f"micro-batch m belongs to task m mod K; AdamW(lr=1e-4); "
+        + (f"median of {repeats} timed steps after 1 warm-up; configurations timed one after another" if cuda else
+           f"paired interleaved rounds after 1 warm-up (one step of each configuration per round, order reversed every "
+           f"round; ratio per round, then the median and its distribution-free 95 % interval), until every half-width "
+           f"≤ {precision:.0%} of the ratio or {budget_s:.0f} s per K (at least {max(6, repeats)} rounds); a target is met or "
+           f"missed only when its whole interval is on one side of the limit, otherwise undecided"),
         "extra bytes = the BalancedOptimizer's task buffers (`buffers.nbytes`, float32); the wrapped optimizer's "
         "state and p.grad are the same as the plain run's",
     ]

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .common import QUICK_LLAMA, TINY_LLAMA, ModelSpec, Workload, fmt_bytes, fmt_ratio, fmt_time, target, time_runners
+from .common import QUICK_LLAMA, TINY_LLAMA, ModelSpec, Workload, fmt_bytes, fmt_ratio, fmt_ratio_ci, fmt_time, ratio_target, target, time_paired, time_runners
 from .runners import balanced_runner, plain_runner
 
 __all__ = ["run"]
@@ -30,7 +30,12 @@ __all__ = ["run"]
 def run(
     quick: bool = False, repeats: int = 5, device: str = "cpu", spec: ModelSpec | None = None,
     dtype: torch.dtype = torch.float32, workload: Workload | None = None, ks: tuple[int, ...] | None = None,
+    budget_s: float | None = None, precision: float = 0.01,
 ) -> dict[str, Any]:
+    """Overhead of ``sum``/``pcgrad`` as K grows. On CPU paired and interleaved against one plain
+    runner (:func:`benchmarks.common.time_paired`, ``budget_s`` for the whole group: default 120,
+    quick 3); on CUDA one after another, ``repeats`` steps each."""
+    budget_s = budget_s if budget_s is not None else (3.0 if quick else 120.0)
     from balancedmix import available_methods
 
     spec = spec or (QUICK_LLAMA if quick else TINY_LLAMA)
@@ -43,21 +48,29 @@ def run(
     for k in ks:
         for m in methods:
             factories.append(lambda k=k, m=m: balanced_runner(spec, workload, k, m, "raw", **kw))
-    rows = time_runners(factories, repeats, device=device, interleave=not cuda)
+    if cuda:
+        rows = time_runners(factories, repeats, device=device, interleave=False)
+    else:
+        rows = time_paired(factories, budget_s=budget_s, precision=precision, min_pairs=max(6, repeats), device=device)
     base = rows[0]["median_s"]
     for r in rows:
-        r["ratio"] = r["median_s"] / base
+        if cuda:
+            r["ratio"] = r["median_s"] / base
         r["time"] = fmt_time(r["median_s"])
-        r["ratio_s"] = fmt_ratio(r["ratio"])
+        r["ratio_s"] = fmt_ratio(r["ratio"]) if cuda else fmt_ratio_ci(r)
         r["extra_s"] = fmt_bytes(r.get("extra_bytes"))
         if r["impl"] == "plain":
             r["K"] = "any"
-    targets = [target(f"sum/raw ÷ plain, K={r['K']}", r["ratio"], 1.03) for r in rows if r["impl"] == "balancedmix" and r["method"] == "sum"]
-    columns = [("K", "K"), ("configuration", "name"), ("median step", "time"), ("× plain", "ratio_s"), ("task buffers", "extra_s")]
+    targets = [target(f"sum/raw ÷ plain, K={r['K']}", r["ratio"], 1.03) if cuda else ratio_target(f"sum/raw ÷ plain, K={r['K']}", r, 1.03)
+               for r in rows if r["impl"] == "balancedmix" and r["method"] == "sum"]
+    columns = [("K", "K"), ("configuration", "name"), ("median step", "time"),
+               ("× plain" if cuda else "× plain, median of pairs [95 % CI]", "ratio_s")] + ([] if cuda else [("pairs", "pairs")]) + [("task buffers", "extra_s")]
     notes = [
         f"model {spec.name} on {device}; {workload.num_microbatches} micro-batches of {workload.batch}×{workload.seq} "
-        f"tokens per step (micro-batch m → task m mod K); median of {repeats} steps"
-        + (", interleaved" if not cuda else ", one after another"),
+        f"tokens per step (micro-batch m → task m mod K); "
+        + (f"median of {repeats} steps, one after another" if cuda else
+           f"paired interleaved rounds against one plain runner (ratio per round, median and distribution-free 95 % interval), "
+           f"until every half-width ≤ {precision:.0%} or {budget_s:.0f} s for the group"),
     ]
     return {
         "suite": "scaling", "device": device, "model": spec.name, "rows": rows,
