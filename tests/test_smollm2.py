@@ -107,7 +107,7 @@ def test_splits_are_chat_prompts_disjoint_and_deterministic():
     assert all(r["prompt"][0]["role"] == "user" for r in train)
     assert sorted({r["task"] for r in evalset}) == sorted(smollm2.SMOLLM2_TASKS)
     with pytest.raises(ValueError, match="first_letter"):
-        smollm2.build_splits(100, 10)
+        smollm2.build_splits(250, 10)
     with pytest.raises(ValueError, match="nope"):
         smollm2.build_splits(2, 2, tasks=("nope",))
 

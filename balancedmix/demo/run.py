@@ -334,8 +334,8 @@ def _build(cfg: DemoConfig, seed: int, device: torch.device) -> tuple[Any, Any, 
     if cfg.model == "smollm2":
         from . import smollm2
 
-        model, tok = smollm2.load_model(device)
         train, evalset = smollm2.build_splits(cfg.n_train, cfg.n_eval, seed=seed)
+        model, tok = smollm2.load_model(device)
         max_len = cfg.max_completion_length or 24
 
         def run_eval(m: Any, t: Any, d: Any) -> dict[str, float]:

@@ -181,14 +181,22 @@ def load_model(device: str | torch.device = "cpu", folder: str | os.PathLike[str
 # --------------------------------------------------------------------------------------------
 # The suite: verifiable tasks at SmolLM2-135M-Instruct's level, as chat prompts.
 
-_WORDS: tuple[str, ...] = tuple(
-    """apple table chair river house green water light music paper stone bread cloud dream earth
+_WORD_TEXT = """apple table chair river house green water light music paper stone bread cloud dream earth
     field glass heart horse lemon money night ocean plant queen robot smile snake sugar tiger train
     watch whale bottle garden pencil window rabbit silver orange yellow purple doctor farmer castle
     bridge forest island market summer winter spring autumn monkey turtle carpet mirror basket candle
     button rocket planet butter cookie pillow ladder wallet jacket banana camera dragon engine
-    flower guitar hammer kitten letter marble needle parrot puzzle saddle tomato violin wizard""".split()
-)
+    flower guitar hammer kitten letter marble needle parrot puzzle saddle tomato violin wizard
+    anchor beach blanket brush cabin canvas cherry circle coffee copper corner cotton crown desert
+    dinner donkey eagle feather finger forest fountain frog ghost giraffe glove grape hotel iron
+    jungle kettle kitchen knife lamp leaf lizard magnet meadow melon motor mountain nest noodle
+    onion owl paint panda peach pepper piano pirate pocket potato pumpkin radio rain ribbon ring
+    salad sandal school shadow sheep shell shirt shoe sock soup spider spoon star storm sweater
+    teacher tent thunder ticket towel tower truck tunnel umbrella valley village wagon wheel wolf
+    yogurt zebra actor bakery balloon barrel beard bicycle blossom boat bucket cactus camel cannon
+    cereal chicken circus climber clock cobra comet cousin cradle crystal daisy dentist diamond
+    dolphin drum feast fossil galaxy garlic goose harbor helmet honey insect jelly kayak koala"""
+_WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORD_TEXT.split()))  # 211 distinct common words
 
 
 def _task_add(rng: random.Random) -> tuple[str, str]:
@@ -285,8 +293,8 @@ def build_splits(
 
     ``prompt`` is conversational (``[{"role": "user", "content": question}]``); eval questions
     are drawn first and never appear in train. Deterministic for a seed. ``first_letter`` draws
-    from 84 words and ``compare`` from 342 pairs, so ask for at most ~80 rows per task in both
-    splits together for ``first_letter`` (a ``ValueError`` names the task otherwise).
+    from a list of about 230 words, ``compare`` from 342 pairs and ``add`` from 360: ask for at
+    most ~200 rows per task in both splits together (a ``ValueError`` names the task otherwise).
     """
     from datasets import Dataset
 
