@@ -115,6 +115,7 @@ def test_splits_are_chat_prompts_disjoint_and_deterministic():
 def test_preset_is_not_the_default():
     assert PRESETS["default"].model == "toy"
     assert PRESETS["smollm2"].model == "smollm2" and PRESETS["smollm2"].sft_steps == 0
+    assert PRESETS["smollm2"].tasks == smollm2.SMOLLM2_TASKS
     with pytest.raises(ValueError, match="model"):
         DemoConfig(model="gpt5")
 

@@ -99,6 +99,15 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.model must be 'toy' or 'smollm2', got {self.model!r}")
 
     @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task names of the model's suite."""
+        if self.model == "smollm2":
+            from .smollm2 import SMOLLM2_TASKS
+
+            return SMOLLM2_TASKS
+        return self.suite.tasks
+
+    @property
     def gradient_accumulation_steps(self) -> int:
         return self.prompts_per_step * self.num_generations // self.micro_batch_size
 
@@ -334,14 +343,14 @@ def _build(cfg: DemoConfig, seed: int, device: torch.device) -> tuple[Any, Any, 
     if cfg.model == "smollm2":
         from . import smollm2
 
-        train, evalset = smollm2.build_splits(cfg.n_train, cfg.n_eval, seed=seed)
+        train, evalset = smollm2.build_splits(cfg.n_train, cfg.n_eval, seed=seed, tasks=cfg.tasks)
         model, tok = smollm2.load_model(device)
         max_len = cfg.max_completion_length or 24
 
         def run_eval(m: Any, t: Any, d: Any) -> dict[str, float]:
             return smollm2.evaluate(m, t, d, max_new_tokens=max_len)
 
-        return model, tok, train, evalset, smollm2.reward_functions(), run_eval, smollm2.SMOLLM2_TASKS
+        return model, tok, train, evalset, smollm2.reward_functions(cfg.tasks), run_eval, cfg.tasks
     tok = build_char_tokenizer()
     model = build_tiny_causal_lm(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, seed=seed)
     model.to(device)
@@ -379,7 +388,8 @@ def _run_all(cfg: DemoConfig, runs: list[tuple[str, str, str | None]], out: Path
     sft_seconds = time.perf_counter() - t0
     before = run_eval(model, tok, evalset)
     before_rec = {"step": 0, "phase": "before", **before}
-    logger.info("after warm start (%.1f s): %s", sft_seconds, {k: round(v, 3) for k, v in before.items() if "accuracy" in k})
+    when = f"after warm start ({sft_seconds:.1f} s)" if cfg.sft_steps else "before training (no warm start)"
+    logger.info("%s: %s", when, {k: round(v, 3) for k, v in before.items() if "accuracy" in k})
     warm_state = copy.deepcopy(model.state_dict())
     progress_cb = _Progress(bar)
 
