@@ -72,9 +72,9 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
         ("add", "The answer is 27.", "27", 1.0),
         ("add", "27 is wrong, it is 28", "27", 0.0),
         ("add", "To solve this problem, we need", "27", 0.0),
-        ("compare", "Yes, 7 is greater than 3.", "yes", 1.0),
-        ("compare", "No.", "yes", 0.0),
-        ("compare", "no", "no", 1.0),
+        ("next", "The number that comes after 41 is 42.", "42", 1.0),
+        ("next", "42", "42", 1.0),
+        ("next", "The number that comes after 41 is 41.", "42", 0.0),
         ("first_letter", "T", "t", 1.0),
         ("first_letter", "The first letter of the word 'tiger' is 't'.", "t", 1.0),
         ("first_letter", "The first letter of the word 'tiger' is 'g'.", "t", 0.0),
@@ -90,8 +90,8 @@ def test_score(task, completion, answer, expected):
 def test_reward_functions_none_on_other_tasks():
     fns = smollm2.reward_functions()
     assert [f.__name__ for f in fns] == [f"reward_{t}" for t in smollm2.SMOLLM2_TASKS]
-    completions = [[{"role": "assistant", "content": "12"}], [{"role": "assistant", "content": "yes"}]]
-    out = fns[0](prompts=[None, None], completions=completions, task=["add", "compare"], answer=["12", "yes"])
+    completions = [[{"role": "assistant", "content": "12"}], [{"role": "assistant", "content": "t"}]]
+    out = fns[0](prompts=[None, None], completions=completions, task=["add", "first_letter"], answer=["12", "t"])
     assert out == [1.0, None]
     with pytest.raises(ValueError, match="reward_add"):
         fns[0](prompts=[None], completions=completions, task=["add"], answer=["12"])

@@ -204,9 +204,9 @@ def _task_add(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} + {b}? Answer with the number only.", str(a + b)
 
 
-def _task_compare(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.sample(range(1, 20), 2)
-    return f"Is {a} greater than {b}? Answer yes or no.", "yes" if a > b else "no"
+def _task_next(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(10, 299)
+    return f"What number comes right after {n}? Answer with the number only.", str(n + 1)
 
 
 def _task_first_letter(rng: random.Random) -> tuple[str, str]:
@@ -216,7 +216,7 @@ def _task_first_letter(rng: random.Random) -> tuple[str, str]:
 
 _TASKS: dict[str, tuple[str, Callable[[random.Random], tuple[str, str]]]] = {
     "add": ("two-digit + one-digit addition; reward 1 iff the last number of the answer is the sum", _task_add),
-    "compare": ("is a greater than b (1-19)? reward 1 iff the first word is the right yes/no", _task_compare),
+    "next": ("the successor of a number (10-299); reward 1 iff the last number of the answer is n + 1", _task_next),
     "first_letter": ("first letter of a common word; reward 1 iff the answer (or its last quoted part) is that letter", _task_first_letter),
 }
 
@@ -244,19 +244,16 @@ def _bare(text: str) -> str:
 def score(task: str, completion: Any, answer: str) -> float:
     """Reward in {0, 1} of ``completion`` (a string or a conversational message list) for ``task``.
 
-    ``add``: the last integer in the text equals the answer ("23 + 4 = 27" counts). ``compare``:
-    the first word, lowercased, is the answer. ``first_letter``: the bare text, or the last
+    ``add`` and ``next``: the last integer in the text equals the answer ("23 + 4 = 27" counts).
+    ``first_letter``: the bare text, or the last
     quoted part of it ("The first letter of 'tiger' is 't'."), is the letter (either case).
     """
     if task not in _TASKS:
         raise ValueError(f"unknown smollm2 task {task!r}; the suite's tasks are {SMOLLM2_TASKS}")
     text = _text(completion)
-    if task == "add":
+    if task in ("add", "next"):
         numbers = re.findall(r"-?\d+", text)
         return float(bool(numbers) and numbers[-1] == answer)
-    if task == "compare":
-        words = re.findall(r"[a-z]+", text.lower())
-        return float(bool(words) and words[0] == answer)
     quoted = re.findall(r"['\"]([^'\"]+)['\"]", text)
     candidates = [_bare(text)] + ([quoted[-1].strip()] if quoted else [])
     return float(any(c.lower() == answer for c in candidates))
@@ -293,7 +290,7 @@ def build_splits(
 
     ``prompt`` is conversational (``[{"role": "user", "content": question}]``); eval questions
     are drawn first and never appear in train. Deterministic for a seed. ``first_letter`` draws
-    from a list of about 230 words, ``compare`` from 342 pairs and ``add`` from 360: ask for at
+    from 211 words, ``next`` from 290 numbers and ``add`` from 360: ask for at
     most ~200 rows per task in both splits together (a ``ValueError`` names the task otherwise).
     """
     from datasets import Dataset
