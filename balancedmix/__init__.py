@@ -5,7 +5,7 @@ The TRL integration lives in :mod:`balancedmix.integrations.trl` (imported lazil
 
 from .logger import JSONLLogger, read_jsonl
 from .methods import MethodContext, available_methods, make_method, register_method
-from .optimizer import BalancedOptimizer, GradientMismatchError, NonFiniteGradientError
+from .optimizer import BalancedOptimizer, GradientMismatchError, NonFiniteGradientError, ParametersChangedError
 from .sampler import MixtureSampler
 from .schedules import (
     Fixed,
@@ -24,6 +24,7 @@ __all__ = [
     "BalancedOptimizer",
     "GradientMismatchError",
     "NonFiniteGradientError",
+    "ParametersChangedError",
     "MethodContext",
     "available_methods",
     "make_method",

@@ -41,11 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from .logger import read_jsonl
+from .comparison import load_scores
+from .logger import scan_jsonl
 from .significance import windowed_gain
+from .tasks import RESERVED_TASK_NAMES
 
 __all__ = [
     "Run",
+    "INCOMPLETE_MARKER",
     "load_run",
     "load_runs",
     "STATISTICS",
@@ -96,7 +99,11 @@ _NUMERIC_PREFIXES = (
     "noise_scale/",
     "eval/",
 )
-_NOT_TASKS = {"total", "update", "untagged"}
+_NOT_TASKS = RESERVED_TASK_NAMES  # grad_norm/total, /update, /untagged are not tasks
+
+#: a file of this name in a run folder marks a run that has not finished (the demo writes it
+#: when a run starts and removes it when the run is complete); the report flags such runs
+INCOMPLETE_MARKER = "INCOMPLETE"
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -112,6 +119,11 @@ class Run:
         evals: evaluation records in file order (first = before training, last = after).
         tasks: task names, in order of first appearance in ``grad_norm/<task>`` keys.
         meta: contents of ``run.json`` (empty when absent).
+        problems: what is wrong with the log but did not stop it from loading (a torn line
+            set aside, an unfinished run, a file split into several runs); each was logged as
+            a warning and the report lists them.
+        scores: per-prompt held-out scores (``eval_scores.json``,
+            :class:`balancedmix.comparison.RunScores`) or ``None``.
     """
 
     name: str
@@ -121,6 +133,8 @@ class Run:
     evals: list[dict[str, Any]]
     tasks: tuple[str, ...]
     meta: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    scores: Any = None
 
     def series(self, key: str) -> np.ndarray:
         """``float64 [S]``: the key's value at every step, NaN where missing or null."""
@@ -152,17 +166,17 @@ def _as_float(value: Any) -> float:
     return float(value)
 
 
-def _nonblank_line_numbers(path: Path) -> list[int]:
-    with open(path, encoding="utf-8") as fh:
-        return [i for i, line in enumerate(fh, start=1) if line.strip()]
+def _validated(path: Path, problems: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """Records with their line numbers; bad values raise ``ValueError`` naming file:line and key.
 
-
-def _validated(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Records with their line numbers; bad values raise ``ValueError`` naming file:line and key."""
-    records = read_jsonl(path)
-    lines = _nonblank_line_numbers(path)
+    Torn lines (:func:`balancedmix.logger.scan_jsonl`) are left out, described in ``problems``.
+    """
+    scan = scan_jsonl(path)
+    for torn in scan.torn:
+        if problems is not None:
+            problems.append(torn.describe(path))
     out = []
-    for lineno, rec in zip(lines, records):
+    for lineno, rec in zip(scan.line_numbers, scan.records):
         step = rec.get("step")
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step != int(step):
             raise ValueError(f"{path}:{lineno}: 'step' must be an integer, got {step!r}")
@@ -185,43 +199,58 @@ def _tasks_of(records: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
     return tuple(tasks)
 
 
-def load_run(path: str | os.PathLike[str], name: str | None = None) -> Run:
-    """Load a run folder (``metrics.jsonl`` [+ ``eval.jsonl``, ``run.json``]) or a JSONL file.
+def _segments(metrics: Path, rows: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Cut the file's records into runs: a training step at or before the first step of the
+    current run starts a new run; a step inside its range is a resume redoing it (the later
+    record is kept, a warning)."""
+    segments: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = None
+    pending_evals: list[dict[str, Any]] = []
+    for lineno, rec in rows:
+        if any(k.startswith("eval/") for k in rec):
+            (cur["evals"] if cur is not None else pending_evals).append(rec)
+            continue
+        step = int(rec["step"])
+        if cur is None or step <= cur["first"]:
+            cur = {"first": step, "last": step, "train": {}, "evals": [], "lines": [lineno, lineno]}
+            if not segments:
+                cur["evals"], pending_evals = pending_evals, []
+            segments.append(cur)
+        elif step <= cur["last"]:
+            logger.warning("%s:%d: step %d logged again; keeping the last record", metrics, lineno, step)
+        cur["train"][step] = rec
+        cur["last"] = max(cur["last"], step)
+        cur["lines"][1] = lineno
+    if not segments:
+        segments.append({"first": 0, "last": 0, "train": {}, "evals": pending_evals, "lines": [0, 0]})
+    return segments
 
-    Raises ``FileNotFoundError`` (no metrics file) or ``ValueError`` naming the file and line
-    (malformed JSON, non-numeric metric, missing/non-integer step) or naming the file (no
-    ``grad_norm/<task>`` key at all). A step logged twice keeps its last record (a warning).
-    """
+
+def _load(path: str | os.PathLike[str], name: str | None, split_runs: bool) -> list[Run]:
     path = Path(path)
     if path.is_dir():
         folder, metrics = path, path / "metrics.jsonl"
         if not metrics.is_file():
-            raise FileNotFoundError(f"no metrics.jsonl in run folder {path}")
+            inside = sorted(p.name for p in path.iterdir() if (p / "metrics.jsonl").is_file())
+            hint = f"; it holds run folders ({', '.join(inside)}): pass those, e.g. {path / inside[0]}" if inside else ""
+            raise FileNotFoundError(f"no metrics.jsonl in run folder {path}{hint}")
     else:
         folder, metrics = path.parent, path
         if not metrics.is_file():
             raise FileNotFoundError(f"no metrics file at {path}")
-    rows = _validated(metrics)
-    train: dict[int, dict[str, Any]] = {}
-    evals: list[dict[str, Any]] = []
-    for lineno, rec in rows:
-        if any(k.startswith("eval/") for k in rec):
-            evals.append(rec)
-            continue
-        step = int(rec["step"])
-        if step in train:
-            logger.warning("%s:%d: step %d logged again; keeping the last record", metrics, lineno, step)
-        train[step] = rec
+    problems: list[str] = []
+    rows = _validated(metrics, problems)
+    segments = _segments(metrics, rows)
+    if len(segments) > 1 and not split_runs:
+        desc = "; ".join(f"lines {g['lines'][0]}-{g['lines'][1]}: steps {g['first']}..{g['last']}" for g in segments)
+        raise ValueError(
+            f"{metrics}: holds {len(segments)} runs, not one (the step counter goes back to {segments[1]['first']} at line "
+            f"{segments[1]['lines'][0]}; {desc}), e.g. a script re-run appending to the same log. Report them as separate "
+            "runs with `balancedmix report --split-runs` (load_runs(..., split_runs=True)), or give each run its own file."
+        )
     eval_file = folder / "eval.jsonl"
     if path.is_dir() and eval_file.is_file():
-        evals.extend(rec for _, rec in _validated(eval_file))
-    steps = np.array(sorted(train), dtype=np.int64)
-    records = [train[int(s)] for s in steps]
-    tasks = _tasks_of(records)
-    if not tasks:
-        raise ValueError(
-            f"{metrics}: no per-task gradient norm ('grad_norm/<task>') in any record; is this a balancedmix metrics log?"
-        )
+        segments[-1]["evals"].extend(rec for _, rec in _validated(eval_file, problems))
     meta: dict[str, Any] = {}
     meta_file = folder / "run.json"
     if path.is_dir() and meta_file.is_file():
@@ -229,15 +258,78 @@ def load_run(path: str | os.PathLike[str], name: str | None = None) -> Run:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{meta_file}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if path.is_dir() and (folder / INCOMPLETE_MARKER).exists():
+        problems.append(
+            f"{folder}: the run did not finish (its {INCOMPLETE_MARKER} marker is still there: interrupted or crashed); "
+            "its figures cover only the steps it logged"
+        )
     label = name or str(meta.get("name") or (folder.name if path.is_dir() else path.stem))
-    return Run(name=label, path=metrics, steps=steps, records=records, evals=evals, tasks=tasks, meta=meta)
+    scores = load_scores(folder) if path.is_dir() else None
+    runs = []
+    for i, seg in enumerate(segments, start=1):
+        steps = np.array(sorted(seg["train"]), dtype=np.int64)
+        records = [seg["train"][int(s)] for s in steps]
+        tasks = _tasks_of(records)
+        if not tasks:
+            where = f" (lines {seg['lines'][0]}-{seg['lines'][1]})" if len(segments) > 1 else ""
+            raise ValueError(
+                f"{metrics}{where}: no per-task gradient norm ('grad_norm/<task>') in any record; is this a balancedmix metrics log?"
+            )
+        last = i == len(segments)
+        run_problems = list(problems) if last else []
+        if len(segments) > 1:
+            run_problems.append(
+                f"{metrics}: run {i} of {len(segments)} in this file (lines {seg['lines'][0]}-{seg['lines'][1]}, steps "
+                f"{seg['first']}..{seg['last']})" + ("; run.json and eval.jsonl are attached to the last run" if last else "")
+            )
+        seg_label = f"{label}[{i}]" if len(segments) > 1 else label
+        runs.append(
+            Run(
+                name=seg_label,
+                path=metrics,
+                steps=steps,
+                records=records,
+                evals=seg["evals"],
+                tasks=tasks,
+                meta=meta if last else {},
+                problems=run_problems,
+                scores=scores if last else None,
+            )
+        )
+    for run in runs:
+        for problem in run.problems:
+            logger.warning("%s", problem)
+    return runs
 
 
-def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
-    """Load several runs; labels are made unique by appending ``#2``, ``#3``..."""
+def load_run(path: str | os.PathLike[str], name: str | None = None) -> Run:
+    """Load a run folder (``metrics.jsonl`` [+ ``eval.jsonl``, ``run.json``]) or a JSONL file.
+
+    Raises ``FileNotFoundError`` (no metrics file) or ``ValueError`` naming the file and line
+    (malformed JSON, non-numeric metric, missing/non-integer step) or naming the file (no
+    ``grad_norm/<task>`` key at all; several runs in one file).
+
+    Two runs in one file: a training step at or before the first step of the run so far (the
+    step counter going back to the start, e.g. a script re-run appending to its log) starts a
+    new run, and ``load_run`` raises; :func:`load_runs` with ``split_runs=True`` loads each.
+    A step inside the range already logged (a resume that redid steps) keeps its last
+    record (a warning). Recoverable problems do not raise; they are logged as warnings and kept
+    in :attr:`Run.problems`: a torn line (a writer killed mid-line; see
+    :func:`balancedmix.logger.scan_jsonl`), or an :data:`INCOMPLETE_MARKER` file in the folder.
+    """
+    return _load(path, name, split_runs=False)[0]
+
+
+def load_runs(paths: Sequence[str | os.PathLike[str]], split_runs: bool = False) -> list[Run]:
+    """Load several runs; labels are made unique by appending ``#2``, ``#3``...
+
+    ``split_runs=True``: a file holding several runs (see :func:`load_run`) gives one
+    :class:`Run` per run, labelled ``<name>[1]``, ``<name>[2]``...; the folder's ``run.json``
+    and ``eval.jsonl`` go to the last one (they were written last).
+    """
     if not paths:
         raise ValueError("no run given")
-    runs = [load_run(p) for p in paths]
+    runs = [run for p in paths for run in _load(p, None, split_runs)]
     seen: dict[str, int] = {}
     for run in runs:
         if run.name in seen:
@@ -661,7 +753,9 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_plots(runs: Sequence[Run], out: str | os.PathLike[str], gain_window: int | None = None) -> dict[str, Path]:
+def write_plots(
+    runs: Sequence[Run], out: str | os.PathLike[str], gain_window: int | None = None, seed_runs: Sequence[Run] | None = None
+) -> dict[str, Path]:
     """Write the report's PNGs into ``out``; returns ``{figure name: path}``.
 
     Figures: ``grad_norms`` (per-task ‖g‖ over steps, raw solid, noise-corrected dashed),
@@ -670,7 +764,8 @@ def write_plots(runs: Sequence[Run], out: str | os.PathLike[str], gain_window: i
     window of steps), ``paper_gain`` (the paper's central plot for the baseline run: per-task
     ‖g‖² over training beside the windowed reward gain ``Gain(t)`` with window ``gain_window``
     steps, default :func:`default_gain_window`), ``accuracy`` (final held-out accuracy per task
-    and run, when evaluated).
+    and run, when evaluated; with ``seed_runs`` — every seed's run, grouped by ``run.json`` name —
+    bars are means over seeds and dots the seeds).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -770,8 +865,8 @@ def write_plots(runs: Sequence[Run], out: str | os.PathLike[str], gain_window: i
     fig, axes = _figure(2, width=4.6)
     w = max(1, len(base.steps) // 15)
     for t in base.tasks:
-        g2 = base.series(f"grad_norm/{t}") ** 2
-        axes[0].plot(base.steps, rolling_mean(g2, w), color=colors[t], lw=1.5, label=f"{t} raw")
+        g2 = rolling_mean(base.series(f"grad_norm/{t}") ** 2, w)
+        axes[0].plot(base.steps, np.where(g2 > 0, g2, np.nan), color=colors[t], lw=1.5, label=f"{t} raw")  # log axis
         u = base.series(f"grad_sqnorm_unbiased/{t}")
         if np.isfinite(u).any():
             um = rolling_mean(u, w)
@@ -796,16 +891,29 @@ def write_plots(runs: Sequence[Run], out: str | os.PathLike[str], gain_window: i
         vals = [before.get(t, np.nan) for t in tasks]
         ax.bar(x[:-1] - 0.4 + width / 2, vals, width, color="lightgrey", label="before RL")
         for i, run in enumerate(runs):
-            acc = eval_accuracy(run, "after")
-            vals = [acc.get(t, np.nan) for t in tasks]
-            fin = [v for v in vals if math.isfinite(v)]
-            vals.append(float(np.mean(fin)) if fin else np.nan)
-            ax.bar(x - 0.4 + width * (i + 1.5), vals, width, color=_COLORS[i % len(_COLORS)], label=run.name)
+            # every seed of this run's name: bars at the mean over seeds, one dot per seed
+            per_seed = []
+            for other in seed_runs or [run]:
+                if _run_key(other) == _run_key(run):
+                    acc = eval_accuracy(other, "after")
+                    row = [acc.get(t, np.nan) for t in tasks]
+                    fin = [v for v in row if math.isfinite(v)]
+                    per_seed.append(row + [float(np.mean(fin)) if fin else np.nan])
+            grid = np.array(per_seed, dtype=np.float64)
+            with np.errstate(invalid="ignore"):
+                vals = np.nanmean(grid, axis=0) if np.isfinite(grid).any() else grid[0]
+            xs = x - 0.4 + width * (i + 1.5)
+            color = _COLORS[i % len(_COLORS)]
+            label = _run_key(run) + (f" (mean of {len(grid)} seeds)" if len(grid) > 1 else "")
+            ax.bar(xs, vals, width, color=color, label=label)
+            if len(grid) > 1:
+                for row in grid:
+                    ax.scatter(xs, row, s=9, color="black", zorder=3, linewidths=0)
         ax.set_xticks(x, tasks + ["mean"])
         ax.set_ylim(0, 1)
         ax.set_ylabel("held-out exact-match accuracy")
-        ax.set_title("final held-out accuracy per task", fontsize=9)
-        _legend(ax, fontsize=7)
+        ax.set_title("final held-out accuracy per task" + (" (dots: seeds)" if seed_runs and len(seed_runs) > len(runs) else ""), fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         paths["accuracy"] = _save(fig, out / "accuracy.png")
     return paths
 
@@ -818,7 +926,7 @@ def _baseline(runs: Sequence[Run]) -> Run:
     return runs[0]
 
 
-def _findings(runs: Sequence[Run], strong: float) -> list[str]:
+def _findings(runs: Sequence[Run], strong: float, seeds: int = 1) -> list[str]:
     """Plain statements about what the data show, including disagreements with the paper."""
     base = _baseline(runs)
     lines: list[str] = []
@@ -863,14 +971,15 @@ def _findings(runs: Sequence[Run], strong: float) -> list[str]:
             )
     noise = [r for r in signal_noise_table(base) if math.isfinite(r["noise share of raw ‖g‖²"])]
     if noise:
-        words = "; ".join(
-            f"{100 * max(0.0, min(1.0, r['noise share of raw ‖g‖²'])):.0f} % of `{r['task']}`'s"
-            + ("" if r["signal resolved"] else " (signal not resolved from noise)")
+        shares = ", ".join(
+            f"`{r['task']}` {100 * max(0.0, min(1.0, r['noise share of raw ‖g‖²'])):.0f} %"
+            + ("" if r["signal resolved"] else " (signal not resolved)")
             for r in noise
         )
         unresolved = [r["task"] for r in noise if not r["signal resolved"]]
         lines.append(
-            f"**Signal vs noise.** At this batch size, {words} raw squared gradient norm is sampling noise. "
+            f"**Signal vs noise.** Share of each task's raw squared gradient norm that is sampling noise at this batch "
+            f"size: {shares}. "
             + (
                 "Ratios between tasks involving "
                 + ", ".join(f"`{t}`" for t in unresolved)
@@ -953,12 +1062,48 @@ def _findings(runs: Sequence[Run], strong: float) -> list[str]:
             lines.append(f"**`{run.name}` vs `{base.name}`.** " + "; ".join(parts) + ".")
     n_eval = base.meta.get("eval_rows_per_task")
     caveat = (
-        f"**Caveats.** {len(base.steps)} optimizer steps, one seed"
+        f"**Caveats.** {len(base.steps)} optimizer steps"
+        + (
+            f", {seeds} seeds: the figures in this section are the first seed's; the Decision section uses every seed"
+            if seeds > 1
+            else ", one seed"
+        )
         + (f", {n_eval} held-out prompts per task (a 0.5 accuracy has a standard error of {0.5 / math.sqrt(n_eval):.3f})" if n_eval else "")
         + ". Differences smaller than that are noise."
     )
     lines.append(caveat)
     return lines
+
+
+def _run_key(run: Run) -> str:
+    """The name a run is grouped by across seeds: ``run.json``'s ``name``, else the run's label."""
+    return str(run.meta.get("name", run.name))
+
+
+def _one_seed_per_name(runs: Sequence[Run]) -> list[Run]:
+    """The first run of each name (the per-run sections show one seed; the Decision uses all)."""
+    seen: dict[str, Run] = {}
+    for run in runs:
+        seen.setdefault(_run_key(run), run)
+    return list(seen.values())
+
+
+def _decision(runs: Sequence[Run], baseline: str) -> tuple[list[str], list[dict[str, str]]]:
+    """Verdict sentences and table rows of every run name against ``baseline``, paired over seeds and prompts.
+
+    Empty when fewer than two names have per-prompt scores (``eval_scores.json``); a comparison that
+    cannot be made (different prompts, no shared seed) becomes a sentence saying why.
+    """
+    from .comparison import compare_groups, comparison_rows, verdict_sentences
+
+    scores = [r.scores for r in runs if r.scores is not None]
+    if len({s.name for s in scores}) < 2 or baseline not in {s.name for s in scores}:
+        return [], []
+    try:
+        comparisons = compare_groups(scores, baseline=baseline)
+    except ValueError as err:
+        return [f"No paired comparison: {err}."], []
+    return verdict_sentences(comparisons, baseline), comparison_rows(comparisons)
 
 
 def write_report(
@@ -970,24 +1115,50 @@ def write_report(
 ) -> Path:
     """Write ``out/report.md`` with every table and plot; returns its path.
 
-    Sections: Findings, Runs compared, Per-task gradients, Gradient norm over steps, Update
+    Several runs of one name (``run.json`` ``name``, one per seed) are one method: the per-run
+    sections show its first run, and the Decision section at the top compares every name with the
+    baseline paired over all seeds and prompts (runs with ``eval_scores.json``,
+    :mod:`balancedmix.comparison`).
+
+    Sections: Decision, Findings, Runs compared, Per-task gradients, Gradient norm over steps, Update
     share, Task-gradient cosines, Learning gain vs gradient norm, Correlation with training
     statistics. ``strong`` is the |Spearman| above which a statistic counts as explaining the
     gradient norm. ``gain_window``: the window ``s`` (steps) of the paper's ``Gain(t)`` (default
-    :func:`default_gain_window`).
+    :func:`default_gain_window`). Each run's :attr:`Run.problems` (torn lines, unfinished run...) are listed
+    under "Log problems" at the top.
     """
     if not runs:
         raise ValueError("write_report needs at least one run")
     out = Path(out)
-    plots = write_plots(runs, out, gain_window=gain_window)
+    all_runs = list(runs)
+    runs = _one_seed_per_name(all_runs)
+    base_key = _run_key(_baseline(runs))
+    seeds = len({r.meta.get("seed") for r in all_runs if _run_key(r) == base_key})
+    verdicts, decision_rows = _decision(all_runs, base_key)
+    plots = write_plots(runs, out, gain_window=gain_window, seed_runs=all_runs)
 
     def img(name: str, alt: str) -> str:
         return f"![{alt}]({plots[name].name})\n" if name in plots else ""
 
     parts = [f"# {title}\n\n"]
-    parts.append("Runs: " + ", ".join(f"`{r.name}` ({r.method}, {len(r.steps)} steps, `{r.path}`)" for r in runs) + "\n")
+    if verdicts:
+        parts.append("## Decision\n\n")
+        parts.extend(f"- {line}\n" for line in verdicts)
+        parts.append(
+            "\nDifferences of final held-out exact-match accuracy to the baseline, paired by seed and prompt, with "
+            "confidence intervals over both (seeds × prompts random effects, `docs/significance.md`); a verdict only where "
+            "the interval excludes 0.\n\n"
+        )
+        if decision_rows:
+            parts.append(markdown_table(decision_rows))
+        parts.append("\n")
+    parts.append("Runs: " + ", ".join(f"`{r.name}` ({r.method}, {len(r.steps)} steps, `{r.path}`)" for r in all_runs) + "\n")
+    flagged = [(r, p) for r in all_runs for p in r.problems]
+    if flagged:
+        parts.append("\n**Log problems** (the figures below use what could be read):\n\n")
+        parts.extend(f"- `{r.name}`: {p}\n" for r, p in flagged)
     parts.append("\n## Findings\n\n")
-    parts.extend(f"- {line}\n" for line in _findings(runs, strong))
+    parts.extend(f"- {line}\n" for line in _findings(runs, strong, seeds))
     parts.append("\n## Runs compared\n\n")
     parts.append(
         "Final held-out exact-match accuracy per task (`acc/<task>`), its mean and the worst task; `‖g‖² ratio`: "

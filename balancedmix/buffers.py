@@ -22,43 +22,30 @@ RowKey = Hashable
 CHUNK_COLUMNS = 1 << 18
 
 
-class FlatBuffers:
-    """Per-row flat float32 gradient storage for a fixed list of parameters.
+class RowTable:
+    """Rows of a 2-D ``data`` tensor (``[rows, width]``), one per key, allocated on first use and
+    kept sorted by ``order(key)`` whatever the order of first use, so that every reduction over
+    rows runs in the same order in a resumed run as in the original one. The bookkeeping shared by
+    exact gradient rows (:class:`FlatBuffers`) and sketches (``storage.SketchStorage``).
 
-    Args:
-        params: the trainable parameters, in a fixed order (the optimizer's param_groups order).
-        dtype: storage dtype (float32: sums of bf16 micro-batch gradients stay accurate).
+    Subclasses call :meth:`_init_rows` and may extend :meth:`_moved` for per-row state of their own.
     """
 
-    def __init__(
-        self,
-        params: Sequence[torch.Tensor],
-        dtype: torch.dtype = torch.float32,
-        order: Callable[[RowKey], Any] | None = None,
+    def _init_rows(
+        self, width: int, dtype: torch.dtype, params: Sequence[torch.Tensor], order: Callable[[RowKey], Any] | None
     ) -> None:
-        self.params = list(params)
-        # Rows are kept sorted by ``order(key)`` whatever the order of first use, so that every
-        # reduction over rows runs in the same order in a resumed run as in the original one.
         self.order = order
         self.dtype = dtype
-        self.numels = [p.numel() for p in self.params]
-        self.offsets = [0]
-        for n in self.numels:
-            self.offsets.append(self.offsets[-1] + n)
-        self.numel = self.offsets[-1]
-        devices = {p.device for p in self.params}
+        devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"parameters live on several devices {sorted(map(str, devices))}; balancedmix needs one")
         self.device = next(iter(devices)) if devices else torch.device("cpu")
-        self.data = torch.zeros(0, self.numel, dtype=dtype, device=self.device)
+        self.data = torch.zeros(0, width, dtype=dtype, device=self.device)
         self.keys: list[RowKey] = []
         self._row_of: dict[RowKey, int] = {}
-        self._views: list[list[torch.Tensor]] = []
-        self._written: list[list[bool]] = []
         self.used: set[int] = set()  # rows written in the current step
         self.dirty: set[int] = set()  # rows that may hold non-zero data (written in this or an earlier step)
 
-    # ---------------------------------------------------------------- rows
     def row(self, key: RowKey) -> int:
         """Row index of ``key``, allocating a zeroed row on first use.
 
@@ -83,25 +70,19 @@ class FlatBuffers:
             new_keys.sort(key=self.order)
         position = {key: r for r, key in enumerate(new_keys)}
         remap = [position[key] for key in old_keys]  # old row index -> new row index
-        old = self.data
-        data = torch.zeros(len(new_keys), self.numel, dtype=self.dtype, device=self.device)
+        data = torch.zeros(len(new_keys), self.data.shape[1], dtype=self.dtype, device=self.device)
         if remap:
-            data[torch.tensor(remap, device=self.device)] = old
-        written: list[list[bool]] = [[False] * len(self.params) for _ in new_keys]
-        for r_old, r_new in enumerate(remap):
-            written[r_new] = self._written[r_old]
+            data[torch.tensor(remap, device=self.device)] = self.data
         self.data = data
         self.keys = new_keys
         self._row_of = position
-        self._written = written
         self.used = {remap[r] for r in self.used}
         self.dirty = {remap[r] for r in self.dirty}
-        self._views = [self._row_views(r) for r in range(len(self.keys))]
+        self._moved(remap)
         return [position[key] for key in keys]
 
-    def _row_views(self, r: int) -> list[torch.Tensor]:
-        row = self.data[r]
-        return [row[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]
+    def _moved(self, remap: list[int]) -> None:
+        """Rows were reallocated (old row ``r`` is now ``remap[r]``): move per-row state of a subclass."""
 
     def has(self, key: RowKey) -> bool:
         return key in self._row_of
@@ -109,11 +90,68 @@ class FlatBuffers:
     def index(self, key: RowKey) -> int:
         return self._row_of[key]
 
+    def zero_rows(self, rows: Sequence[int]) -> None:
+        for r in rows:
+            self.data[r].zero_()
+        self.dirty.difference_update(rows)
+
+    def zero_unused(self) -> None:
+        """Zero every row not used in the current step that may still hold data (fixed-shape collectives)."""
+        self.zero_rows(sorted(self.dirty - self.used))
+
+    def mark_complete(self, rows: Sequence[int]) -> None:
+        """The data of ``rows`` was filled from outside (a collective): count them as used this step."""
+        self.used = set(rows)
+        self.dirty |= self.used
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+class FlatBuffers(RowTable):
+    """Per-row flat float32 gradient storage for a fixed list of parameters.
+
+    Args:
+        params: the trainable parameters, in a fixed order (the optimizer's param_groups order).
+        dtype: storage dtype (float32: sums of bf16 micro-batch gradients stay accurate).
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        order: Callable[[RowKey], Any] | None = None,
+    ) -> None:
+        self.params = list(params)
+        self.numels = [p.numel() for p in self.params]
+        self.offsets = [0]
+        for n in self.numels:
+            self.offsets.append(self.offsets[-1] + n)
+        self.numel = self.offsets[-1]
+        self._init_rows(self.numel, dtype, self.params, order)
+        self._views: list[list[torch.Tensor]] = []
+        self._written: list[list[bool]] = []
+
+    def _moved(self, remap: list[int]) -> None:
+        written: list[list[bool]] = [[False] * len(self.params) for _ in self.keys]
+        for r_old, r_new in enumerate(remap):
+            written[r_new] = self._written[r_old]
+        self._written = written
+        self._views = [self._row_views(r) for r in range(len(self.keys))]
+
+    def _row_views(self, r: int) -> list[torch.Tensor]:
+        row = self.data[r]
+        return [row[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]
+
     # ---------------------------------------------------------------- filling
     def add(self, row: int, param_index: int, grad: torch.Tensor) -> None:
         """Accumulate one parameter's gradient into ``row`` (dense gradients only)."""
         if grad.is_sparse:
-            raise TypeError(f"sparse gradient for parameter {param_index}; balancedmix supports dense gradients only")
+            raise TypeError(
+                f"sparse gradient for parameter {param_index} {tuple(grad.shape)}; balancedmix supports dense gradients "
+                "only: build the module with sparse=False (e.g. nn.Embedding(..., sparse=False)); see docs/optimizers.md"
+            )
         view = self._views[row][param_index]
         written = self._written[row]
         if written[param_index]:
@@ -141,21 +179,11 @@ class FlatBuffers:
         self.dirty |= self.used
         self.used = set()
 
-    def zero_rows(self, rows: Sequence[int]) -> None:
-        for r in rows:
-            self.data[r].zero_()
-        self.dirty.difference_update(rows)
-
-    def zero_unused(self) -> None:
-        """Zero every row not used in the current step that may still hold data (fixed-shape collectives)."""
-        self.zero_rows(sorted(self.dirty - self.used))
-
     def mark_complete(self, rows: Sequence[int]) -> None:
         """The data of ``rows`` was filled from outside (a collective): count them as fully written, used this step."""
         for r in rows:
             self._written[r] = [True] * len(self.params)
-        self.used = set(rows)
-        self.dirty |= self.used
+        super().mark_complete(rows)
 
     def slice(self, param_index: int) -> slice:
         return slice(self.offsets[param_index], self.offsets[param_index + 1])
@@ -169,7 +197,3 @@ class FlatBuffers:
         numel = self.numels[param_index]
         for start in range(0, numel, max_columns):
             yield start, min(start + max_columns, numel)
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()

@@ -7,6 +7,9 @@ so the sampler can replace ``GRPOTrainer._get_train_sampler`` with nothing else 
         [i1]*G + [i2]*G + ... + [iB]*G          one block of B*G indices, a GRPO group never split
         ... the block repeated R times in a row  (TRL: num_iterations * steps_per_generation)
 
+The indices are generated one at a time, as ``RepeatSampler`` does: memory is ``O(B)`` per batch
+whatever ``R`` is (``repeat_count=10**6`` does not build a ``B*G*R`` list).
+
 What differs from ``RepeatSampler`` is *which* B prompts form a batch:
 
 * the task composition of batch b follows the weights of a mixture schedule
@@ -53,12 +56,42 @@ from torch.utils.data import Sampler
 from .schedules import MixtureSchedule, as_schedule, validate_weights
 from .tasks import MissingTaskLabelError, TaskError, TaskKey, TaskRegistry, UnknownTaskError, task_labels
 
-__all__ = ["MixtureSampler", "read_task_labels", "homogeneous_order"]
+__all__ = ["MixtureSampler", "read_task_labels", "homogeneous_order", "class_label_names"]
 
 logger = logging.getLogger(__name__)
 
 _PERM, _ORDER, _MULTI = 1, 2, 3  # purposes of the seeded generators
 _STATE_VERSION = 1
+
+
+def class_label_names(dataset: Any, column: Any) -> list[str] | None:
+    """The class names of ``column`` when it is an HF ``datasets.ClassLabel`` feature, else ``None``.
+
+    A ``ClassLabel`` column stores integers; ``names[i]`` is the task name of label ``i``. Only
+    the dataset's schema (``dataset.features``) is read, never its rows.
+    """
+    if not isinstance(column, str):
+        return None
+    features = getattr(dataset, "features", None)
+    if features is None or not hasattr(features, "get"):
+        return None
+    feature = features.get(column)
+    names = getattr(feature, "names", None)
+    if type(feature).__name__ == "ClassLabel" and isinstance(names, (list, tuple)):
+        return [str(n) for n in names]
+    return None
+
+
+def _decode_class_labels(raw: Sequence[Any], names: Sequence[str], column: str) -> list[Any]:
+    out = []
+    for i, v in enumerate(raw):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < len(names):
+            if isinstance(v, str) and v in names:
+                out.append(v)
+                continue
+            raise TaskError(f"row {i}: ClassLabel column {column!r} holds {v!r}, not a class index of {list(names)}")
+        out.append(names[int(v)])
+    return out
 
 
 def read_task_labels(dataset: Any, task_key: TaskKey, registry: TaskRegistry) -> list[str]:
@@ -69,7 +102,9 @@ def read_task_labels(dataset: Any, task_key: TaskKey, registry: TaskRegistry) ->
     * Otherwise (a list of dicts, a torch map-style dataset): rows ``dataset[i]`` are read once
       each and ``row[task_key]`` (or ``task_key(row)`` for a callable) is kept.
 
-    Labels are ``str`` names, or integer indices into a declared ``tasks`` list.
+    Labels are ``str`` names, or integer indices into a declared ``tasks`` list. An HF
+    ``ClassLabel`` column's integers are decoded with the feature's own ``names`` (not the
+    ``tasks`` order).
 
     Raises:
         MissingTaskLabelError: no such column, or a row without the key.
@@ -91,6 +126,9 @@ def read_task_labels(dataset: Any, task_key: TaskKey, registry: TaskRegistry) ->
         raw = list(dataset[task_key])
         if len(raw) != n:
             raise TaskError(f"column {task_key!r} has {len(raw)} values for {n} rows")
+        class_names = class_label_names(dataset, task_key)
+        if class_names is not None:
+            raw = _decode_class_labels(raw, class_names, task_key)
     else:
         raw = []
         for i in range(n):
@@ -543,13 +581,19 @@ class MixtureSampler(Sampler[int]):
                 continue
             prompts = self._draw(b, state)
             self._last = (b + 1, state.copy())
-            block = [i for i in prompts for _ in range(g)]  # type: ignore[union-attr]
-            stream = block * r
             start = skip if j == skip_batches else 0
             self._offset = j * per_batch + start
-            for index in stream[start:]:
-                self._offset += 1
-                yield index
+            # lazily: B prompts, each G times, the block R times (never the B*G*R list)
+            rep, rest = divmod(start, len(prompts) * g)  # type: ignore[arg-type]
+            first_prompt, first_copy = divmod(rest, g)
+            for _ in range(rep, r):
+                for p in range(first_prompt, len(prompts)):  # type: ignore[arg-type]
+                    index = prompts[p]  # type: ignore[index]
+                    for _ in range(first_copy, g):
+                        self._offset += 1
+                        yield index
+                    first_copy = 0
+                first_prompt = 0
         self._epoch = epoch + 1
         self._offset = 0
 

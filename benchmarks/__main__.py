@@ -20,8 +20,8 @@ import torch
 
 from . import common
 
-CPU_SUITES = ("overhead", "methods", "floor", "scaling", "grpo", "ddp")
-GPU_SUITES = ("overhead", "methods", "floor", "scaling")
+CPU_SUITES = ("overhead", "methods", "floor", "scaling", "grpo", "ddp", "sketch")
+GPU_SUITES = ("overhead", "methods", "floor", "scaling", "sketch")
 CAPPED_SUITES = ("methods", "floor")  # default repeats capped at 3 (see main)
 TITLES = {
     "overhead": "Overhead: plain AdamW vs BalancedOptimizer (sum)",
@@ -30,6 +30,7 @@ TITLES = {
     "scaling": "Scaling in K",
     "grpo": "GRPO step",
     "ddp": "Distributed (DDP, 2 processes)",
+    "sketch": "Sketch mode (sketch_dim) vs exact mode and the plain optimizer",
 }
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -48,6 +49,8 @@ def run_cpu_suite(name: str, quick: bool, repeats: int) -> dict[str, Any]:
         from .grpo import run
     elif name == "ddp":
         from .ddp import run
+    elif name == "sketch":
+        from .sketch import run
     else:
         raise ValueError(f"unknown suite {name!r}; choose from {', '.join(CPU_SUITES)}")
     return run(quick=quick, repeats=repeats)
@@ -79,6 +82,10 @@ def run_gpu_suite(name: str, quick: bool, repeats: int) -> dict[str, Any]:
         from .scaling import run
 
         return run(**{**kw, "workload": Workload(4, 1, 32) if quick else Workload(16, 1, 512)})
+    if name == "sketch":
+        from .sketch import GPU_DIMS, QUICK_DIMS, run
+
+        return run(**kw, dims=QUICK_DIMS if quick else GPU_DIMS)
     raise ValueError(f"unknown gpu suite {name!r}; choose from {', '.join(GPU_SUITES)}")
 
 

@@ -10,6 +10,7 @@ the trainer class and one ``BalancedConfig``::
     python examples/grpo_multitask.py --plain               # trl.GRPOTrainer itself (no balancedmix)
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/grpo_multitask.py --steps 10 \
         --prompts-per-step 2 --gradient-accumulation-steps 2   # 2 processes (DDP), see below
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/grpo_multitask.py --gpu  # FSDP2, 2 GPUs
 
 Runs on 2 CPU cores in about a minute with the defaults; writes ``<output-dir>/metrics.jsonl``
 (one line per optimizer step, see docs/trl.md) and prints the per-task figures of the last step.
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-completion-length", type=int, default=6)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--gpu", action="store_true",
+        help="train on the GPUs (needed for accelerate's FSDP2 plugin: examples/accelerate_fsdp2.yaml); default: CPU",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         temperature=1.0,
         logging_steps=5,
         seed=args.seed,
-        use_cpu=True,
+        use_cpu=not args.gpu,
         bf16=False,
         activation_checkpointing=False,
         report_to="none",
@@ -159,7 +164,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if trainer.accelerator.num_processes > 1:
         import torch
 
-        flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        # FSDP2: the parameters are DTensor shards; compare the full tensors
+        full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in trainer.model.parameters()]
+        flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in full])
         fingerprint = torch.stack([flat.sum(), flat.square().sum()]).to(trainer.accelerator.device)
         every = trainer.accelerator.gather(fingerprint.unsqueeze(0)).cpu()  # [processes, 2]
         if not torch.allclose(every, every[:1].expand_as(every), rtol=1e-9, atol=0.0):

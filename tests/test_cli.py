@@ -77,7 +77,18 @@ def test_demo_arguments_parsed():
     assert args.methods == ["sum", "pcgrad"] and args.steps == 5 and args.quick and args.seed == 3
     assert args.out == "balancedmix_demo" and args.preset == "default" and args.schedule is None
     default = build_parser().parse_args(["demo"])
-    assert default.methods == ["sum", "normalize", "pcgrad"]
+    assert default.methods is None and default.seeds is None  # the preset decides
+
+
+def test_presets_decide_methods_and_seeds(tmp_path):
+    from balancedmix.demo.run import check_demo_args
+
+    cfg, runs = check_demo_args(tmp_path / "d")
+    assert (cfg.seeds, [r[1] for r in runs]) == (8, ["sum", "normalize"])
+    cfg, runs = check_demo_args(tmp_path / "d", preset="quick")
+    assert (cfg.seeds, [r[1] for r in runs]) == (1, ["sum", "normalize", "pcgrad"])
+    cfg, runs = check_demo_args(tmp_path / "d", methods=["sum"], seeds=2)
+    assert (cfg.seeds, [r[1] for r in runs]) == (2, ["sum"])
 
 
 @pytest.mark.parametrize("argv", [["demo", "--steps", "0"], ["demo", "--methods", ","], ["demo", "--preset", "huge"]])

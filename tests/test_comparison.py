@@ -70,3 +70,55 @@ def test_duplicate_seed_and_length_mismatch(tmp_path: Path) -> None:
 
 def test_folder_without_scores_is_none(tmp_path: Path) -> None:
     assert load_scores(tmp_path) is None
+
+
+def _metrics(folder: Path) -> None:
+    rec = {"grad_norm/add": 1.0, "grad_norm/rev": 2.0, "reward/add/mean": 0.5, "reward/rev/mean": 0.5}
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, **rec}) + "\n" for s in range(1, 4)))
+
+
+def test_report_decision_section_uses_every_seed(tmp_path: Path) -> None:
+    from balancedmix import analysis as A
+
+    rng = np.random.default_rng(1)
+    dirs = []
+    for seed in (0, 1, 2):
+        base = {t: (rng.random(60) < 0.3).astype(float) for t in PROMPTS}
+        dirs.append(_run(tmp_path, "sum", seed, base))
+        dirs.append(_run(tmp_path, "normalize", seed, {t: np.ones(60) for t in PROMPTS}))
+    for d in dirs:
+        _metrics(d)
+    runs = A.load_runs(dirs)
+    text = A.write_report(runs, tmp_path / "out").read_text()
+    decision = text.split("## Decision")[1].split("## Findings")[0]
+    assert "`normalize` vs `sum` (3 seeds, paired per prompt, 95 % intervals)" in decision
+    assert "**better**" in decision and "| normalize | worst task |" in decision
+    assert "3 seeds: the figures in this section are the first seed's" in text
+    # the per-run sections (per-task gradients, correlations) show one run per name: the first seed's
+    assert text.count("\n**sum**\n") == 2 and "**sum#2**" not in text and "**normalize#3**" not in text
+
+
+def test_report_without_scores_has_no_decision(tmp_path: Path) -> None:
+    from balancedmix import analysis as A
+
+    d = tmp_path / "r"
+    d.mkdir()
+    _metrics(d)
+    assert "## Decision" not in A.write_report([A.load_run(d)], tmp_path / "out").read_text()
+
+
+@pytest.mark.parametrize("seeds,seed,match", [(0, 0, "seeds must be a positive integer"), (True, 0, "seeds must be"), (3, 2**32 - 2, "run past 2\\*\\*32")])
+def test_demo_seeds_are_checked_before_work(tmp_path: Path, seeds: object, seed: int, match: str) -> None:
+    from balancedmix.demo.run import check_demo_args
+
+    with pytest.raises(ValueError, match=match):
+        check_demo_args(tmp_path / "d", seed=seed, seeds=seeds)  # type: ignore[arg-type]
+    assert not list(tmp_path.iterdir())
+
+
+def test_demo_cli_refuses_zero_seeds(tmp_path: Path) -> None:
+    from balancedmix.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--out", str(tmp_path / "d"), "--seeds", "0"])
+    assert exc.value.code == 2

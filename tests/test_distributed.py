@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -551,14 +553,20 @@ def test_single_process_detection_and_deepspeed(monkeypatch: pytest.MonkeyPatch)
     assert isinstance(detect(list(model.parameters()), None), SingleProcess)
     with pytest.raises(ValueError, match="sync must be"):
         detect(list(model.parameters()), None, sync="nope")
+    # built for DeepSpeed (accelerate's flag, ZeRO-3 parameters): usable only once attached to the engine
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(UnsupportedDistributedError, match="DeepSpeed is not supported"):
-        BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"])
+    assert opt.distributed.kind == "deepspeed-pending"
+    with pytest.raises(UnsupportedDistributedError, match="attach"):
+        with opt.task("a"):
+            pass
+    assert not opt._in_context and not opt._microbatches  # the refused block left nothing behind
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     p = next(model.parameters())
     p.ds_id = 3  # what ZeRO-3 attaches to its parameters
-    with pytest.raises(UnsupportedDistributedError, match="ZeRO-3"):
-        BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"])
+    with pytest.raises(UnsupportedDistributedError, match="ZeRO-3.*attach"):
+        opt.step()
 
 
 # ----------------------------------------------------------------------------- the documented example
@@ -572,15 +580,33 @@ def _doc_command() -> str:
     return lines[0]
 
 
+def _doc_command_argv(port: int) -> tuple[list[str], dict[str, str]]:
+    """The documented ``VAR=x torchrun ...`` line as an argv run by this interpreter.
+
+    ``torchrun`` becomes ``sys.executable -m torch.distributed.run`` (the same launcher, found
+    without the environment's ``bin/`` on ``PATH``); leading ``VAR=value`` words become env vars.
+    """
+    words = shlex.split(_doc_command())
+    env: dict[str, str] = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    assert words and words[0] == "torchrun", f"unexpected documented command: {_doc_command()!r}"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--master_port", str(port), *words[1:]]
+    return argv, env
+
+
 @pytest.mark.slow
 def test_accelerate_ddp_example_runs_with_documented_command(tmp_path: Path) -> None:
     from dist_harness import free_port
 
-    cmd = _doc_command().replace("--nproc_per_node 2", f"--nproc_per_node 2 --master_port {free_port()}")
+    argv, doc_env = _doc_command_argv(free_port())
     out = tmp_path / "diag.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **doc_env}
+    # no launcher script on PATH: the run must not depend on an activated environment
+    env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep) if d and not (Path(d) / "torchrun").exists())
     proc = subprocess.run(
-        f"{cmd} --steps 3 --jsonl {out}", shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+        [*argv, "--steps", "3", "--jsonl", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
     )
     import json
 

@@ -58,7 +58,7 @@ def test_without_split_estimator_the_noise_columns_are_nan(tmp_path: Path) -> No
 def test_report_states_noise_in_words_and_draws_the_papers_plot(tmp_path: Path) -> None:
     run = A.load_run(_write(tmp_path / "r", _records()))
     text = A.write_report([run], tmp_path / "out", gain_window=4).read_text()
-    assert "67 % of `a`'s" in text and "100 % of `b`'s (signal not resolved from noise)" in text
+    assert "`a` 67 %, `b` 100 % (signal not resolved)" in text
     assert "Ratios between tasks involving `b` measure noise" in text
     assert "## Signal and noise per task" in text and "paper_gain.png" in text
     assert (tmp_path / "out" / "paper_gain.png").read_bytes()[:4] == b"\x89PNG"

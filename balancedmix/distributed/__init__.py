@@ -38,7 +38,11 @@
     float64 all-reduce of ``R² + R + …`` scalars. The combination is applied locally. No full
     gradient is ever gathered.
 
-DeepSpeed ZeRO is not supported; :func:`detect` raises :class:`UnsupportedDistributedError`.
+``deepspeed`` (:class:`~balancedmix.distributed.deepspeed.DeepSpeedSync`)
+    DeepSpeed ZeRO-1/2/3, bound by :func:`balancedmix.distributed.deepspeed.attach` after
+    ``deepspeed.initialize`` / ``accelerator.prepare``; before that (accelerate's
+    ``ACCELERATE_USE_DEEPSPEED``, ZeRO-3 parameters) :func:`detect` returns a pending strategy
+    that refuses to capture or step until attached. See ``distributed/deepspeed.py``.
 
 Rules every collective here follows: its number, order, dtype and shape depend only on static
 configuration (declared tasks, estimator, parameters, world size) or on numbers already agreed
@@ -152,10 +156,12 @@ def detect(params: Sequence[torch.Tensor], optimizer: Any, sync: str = "auto") -
         raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
     reason = _deepspeed_reason(params, optimizer)
     if reason is not None:
-        raise UnsupportedDistributedError(
-            f"DeepSpeed is not supported by balancedmix yet: {reason}. Use DDP (accelerate MULTI_GPU / "
-            "MULTI_CPU) or FSDP2 (fully_shard / accelerate fsdp_version=2) instead."
-        )
+        # the wrapper is about to be handed to DeepSpeed (accelerate / the HF Trainer): it works once
+        # balancedmix.distributed.deepspeed.attach(engine) has bound it to the engine's partitions
+        from .deepspeed import DeepSpeedPending
+
+        rank, world = _dist_world()
+        return DeepSpeedPending(rank, world, reason)
     dts = [_is_dtensor(p) for p in params]
     rank, world = _dist_world()
     if any(dts):
@@ -207,8 +213,11 @@ class SyncStrategy:
     defers_task_errors = False
     #: bytes of the last partial-dot-product all-reduce (FSDP2)
     stats_bytes = 0
-    #: how the last step was synchronised: "single", "ddp", "buffers" or "fsdp2"
+    #: how the last step was synchronised: "single", "ddp", "buffers", "fsdp2", "zero1", "zero2"
     last_mode = "single"
+    #: the engine runs the inner optimizer step itself, after a pre-step hook that calls
+    #: ``BalancedOptimizer._balance_for_engine()`` (DeepSpeed ZeRO-1/2); ``step()`` then only forwards
+    engine_driven = False
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """The rank-local plain tensor behind a parameter or gradient (identity outside FSDP2)."""
@@ -226,6 +235,10 @@ class SyncStrategy:
 
     def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
         """Turn rank-local partial dot products into global ones, in place (FSDP2 only)."""
+
+    #: ``None``, or an in-place sum over ranks of a tensor built from local shards (FSDP2): the
+    #: sketch storage sums its shards' sketches with it before taking their Gram
+    reduce_partial = None
 
     def enter_task(self, params: Sequence[torch.Tensor]) -> None:
         """Called on entering an ``opt.task()`` block."""
@@ -376,7 +389,9 @@ class DDPSync(_Collective):
         fingerprint = torch.zeros(2 * world, dtype=_FP64)
         local_flag = torch.zeros(1, dtype=_FP64)  # 1: p.grad is NOT this rank's local total
         gsum, gsq, dot, lsq = (torch.zeros((), dtype=_FP64, device=data.device) for _ in range(4))
-        check_local = self.sync in ("auto", "buffers")
+        # sketch storage: no gradients to compare p.grad with or to rebuild it from (DDP must sync p.grad)
+        exact_rows = getattr(buffers, "can_rebuild", True)
+        check_local = self.sync in ("auto", "buffers") and exact_rows
         buffers.zero_unused()  # rows this rank did not fill this step are zeros from here on
         local_total = data.sum(0) if (check_local and rows) else None  # one pass over [R, P]
         for i, p in enumerate(params):
@@ -419,6 +434,12 @@ class DDPSync(_Collective):
             mode = "ddp" if identical else "buffers"
         else:
             mode = self.sync
+        if mode == "buffers" and not exact_rows:
+            raise DistributedStateError(
+                "sketch mode (sketch_dim) needs DDP to all-reduce p.grad (the corrected update travels in it), but "
+                "p.grad differs across ranks at step(): every micro-step ran under no_sync. Let the last micro-step "
+                "of each step sync (accelerate's accumulate() does). Parameters were not updated."
+            )
         if mode == "ddp" and not identical:
             raise DistributedStateError(
                 "sync='ddp' but p.grad differs across ranks at step(): DDP did not all-reduce the gradients "
@@ -459,7 +480,21 @@ class DDPSync(_Collective):
         return SyncResult(grows, gtask_counts, grow_counts, comm, mode)
 
 
-class FSDP2Sync(_Collective):
+class _ShardedStats(_Collective):
+    """An engine whose task rows hold this rank's shard: the Gram and the dots with ``p.grad`` are
+    local products, summed over ranks in one small float64 all-reduce (FSDP2, DeepSpeed ZeRO)."""
+
+    def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
+        n = row_gram.shape[0]
+        packed = torch.cat([row_gram.reshape(-1).to(_FP64).cpu(), grad_dots.to(_FP64).cpu(), grad_sq.reshape(1).to(_FP64).cpu()])
+        packed = self._all_reduce_small(packed, row_gram.device)
+        row_gram.copy_(packed[: n * n].view(n, n))
+        grad_dots.copy_(packed[n * n : n * n + n])
+        grad_sq.copy_(packed[-1])
+        self.stats_bytes = packed.numel() * packed.element_size()
+
+
+class FSDP2Sync(_ShardedStats):
     """FSDP2 (``fully_shard``): per-task buffers of the local gradient shards, Gram by one all-reduce."""
 
     kind = "fsdp2"
@@ -470,6 +505,11 @@ class FSDP2Sync(_Collective):
         self._snapshot: list[torch.Tensor | None] | None = None
         self._schedule_hash = 0
         self._schedule_len = 0
+        # task blocks after which no parameter had a gradient, and blocks with gradients after such
+        # a block: FSDP2's gradient sync was off (no_sync / accumulate()), the reduce-scatter was
+        # deferred to a later block, which would receive the earlier blocks' gradients
+        self._empty_blocks = 0
+        self._late_blocks = 0
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if _is_dtensor(t) else t
@@ -480,6 +520,11 @@ class FSDP2Sync(_Collective):
     def enter_task(self, params: Sequence[torch.Tensor]) -> None:
         self._snapshot = [None if p.grad is None else self.local(p.grad).detach().clone() for p in params]
 
+    def reduce_partial(self, t: torch.Tensor) -> None:  # type: ignore[override]
+        """Sum ``t`` (sketches of local shards) over the ranks, in place."""
+        self._all_reduce(t)
+        self.stats_bytes = t.numel() * t.element_size()
+
     def exit_task(self, params: Sequence[torch.Tensor], buffers: FlatBuffers, row: int | None) -> None:
         snap = self._snapshot
         self._snapshot = None
@@ -489,21 +534,25 @@ class FSDP2Sync(_Collective):
         self._schedule_len += 1
         if row is None or snap is None:
             return
+        any_grad = False
+        # lagged coefficient of the row (sketch mode; 1 otherwise): FSDP2 runs no per-parameter
+        # hook, so the block's increment is scaled here: p.grad = before + c · (p.grad − before)
+        c = buffers.hook_scale(row) if hasattr(buffers, "hook_scale") else 1.0
         for i, p in enumerate(params):
             if p.grad is None:
                 continue
+            any_grad = True
             cur = self.local(p.grad).detach()
             before = snap[i]
             buffers.add(row, i, cur if before is None else cur - before)
-
-    def reduce_stats(self, row_gram: torch.Tensor, grad_dots: torch.Tensor, grad_sq: torch.Tensor) -> None:
-        n = row_gram.shape[0]
-        packed = torch.cat([row_gram.reshape(-1).to(_FP64).cpu(), grad_dots.to(_FP64).cpu(), grad_sq.reshape(1).to(_FP64).cpu()])
-        packed = self._all_reduce_small(packed, row_gram.device)
-        row_gram.copy_(packed[: n * n].view(n, n))
-        grad_dots.copy_(packed[n * n : n * n + n])
-        grad_sq.copy_(packed[-1])
-        self.stats_bytes = packed.numel() * packed.element_size()
+            if c != 1.0:
+                cur.mul_(c)
+                if before is not None:
+                    cur.add_(before, alpha=1.0 - c)
+        if not any_grad:
+            self._empty_blocks += 1
+        elif self._empty_blocks:
+            self._late_blocks += 1
 
     def synchronize(
         self,
@@ -522,10 +571,13 @@ class FSDP2Sync(_Collective):
         )
         mem = torch.zeros(world, dtype=_FP64)
         mem[self.rank] = float(buffers.nbytes)
-        meta = torch.cat(header + [sched, mem])
+        deferred = torch.tensor([float(self._empty_blocks if self._late_blocks else 0)], dtype=_FP64)
+        meta = torch.cat(header + [sched, mem, deferred])
         meta = self._all_reduce_small(meta, buffers.device)
         self._schedule_hash = 0
         self._schedule_len = 0
+        self._empty_blocks = 0
+        self._late_blocks = 0
         self._raise_collective_errors(float(meta[0]))
         n_rows = len(self._keys)
         used_g = meta[1 : 1 + n_rows]
@@ -540,6 +592,16 @@ class FSDP2Sync(_Collective):
                 "(MixtureSampler). Parameters were not updated."
             )
         mem_g = meta[o + 4 : o + 4 + world]
+        if float(meta[o + 4 + world]) > 0:
+            raise DistributedStateError(
+                "under FSDP2 gradient synchronisation was off for some task blocks of this step: no parameter had a "
+                "gradient after them, and a later block received the deferred reduce-scatter, i.e. the gradients of "
+                "several tasks (accelerator.accumulate() or accelerator.no_sync() / set_requires_gradient_sync(False) "
+                "on non-final micro-steps). balancedmix reads each task's gradient from p.grad after its block, so "
+                "FSDP2 must sync every micro-step: Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin("
+                "num_steps=..., sync_each_batch=True)), or no accumulate()/no_sync around the backwards. Parameters "
+                "were not updated."
+            )
         grows, gtask_counts, grow_counts = self._unpack_counts(used_g, counts_g)
         # rows used on another rank only (an empty local shard) must enter the local products as zeros
         buffers.zero_unused()

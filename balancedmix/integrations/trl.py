@@ -38,12 +38,17 @@ What the integration does (see ``docs/trl.md`` for the details and the exactness
 * **Mixture** — with ``BalancedConfig.schedule`` the training sampler is a
   :class:`~balancedmix.sampler.MixtureSampler` (same index structure as TRL's ``RepeatSampler``)
   and :class:`ScheduleCallback` feeds the schedule the step's metrics.
+* **Checkpoints** — each Trainer checkpoint also holds :data:`BALANCED_STATE_NAME` (the
+  sampler's and schedule's state); ``train(resume_from_checkpoint=...)`` restores it and continues
+  ``metrics.jsonl`` after the checkpoint's step (lines past it are dropped and redone), so a
+  resumed run replays an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -56,8 +61,9 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from ..logger import JSONLLogger
+from ..logger import JSONLLogger, truncate_after_step
 from ..optimizer import BalancedOptimizer
+from ..sampler import class_label_names
 from ..tasks import MissingTaskLabelError, TaskError, TaskKey, TaskRegistry, UnknownTaskError, task_labels
 
 __all__ = [
@@ -72,6 +78,7 @@ __all__ = [
     "METRICS_FILENAME",
     "REPORT_KEY_LEVELS",
     "report_key_level",
+    "BALANCED_STATE_NAME",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +90,10 @@ GROUP_IDS_KEY = "group_ids"
 """Per-row long tensor: the row's GRPO group (its prompt's position in the global generation batch)."""
 """Key of the per-row weighted reward tensor (float ``[rows]``, NaN = unscorable)."""
 METRICS_FILENAME = "metrics.jsonl"
+BALANCED_STATE_NAME = "balancedmix_state.json"
+"""File of each Trainer checkpoint holding the ``MixtureSampler`` state (read position, weight
+history and the schedule's state), so that ``train(resume_from_checkpoint=...)`` replays the mixture."""
+_BALANCED_STATE_VERSION = 1
 
 REORDER_SAFE_LOSS_TYPES = frozenset({"grpo", "sapo", "luspo", "dr_grpo", "dapo", "cispo", "vespo"})
 """Loss types whose gradient does not depend on how an optimizer step's rows are grouped into
@@ -142,17 +153,26 @@ class BalancedConfig:
     """Configuration of the balancedmix part of a :class:`BalancedGRPOTrainer`.
 
     Attributes:
-        task_key: dataset column naming each row's task (default ``"task"``), or a callable
-            ``rows -> labels`` receiving TRL's list of row dicts.
+        task_key: dataset column naming each row's task (default ``"task"``; ``str`` names or an
+            HF ``ClassLabel`` column, decoded with its own ``names``), or a callable
+            ``rows -> labels`` receiving a list of row dicts (TRL's batch; with ``schedule`` the
+            sampler calls it with a list of one row).
         tasks: the task names, in the order used for indices and logs. ``None``: the sorted
-            distinct values of the ``task_key`` column of ``train_dataset`` (required for an
-            ``IterableDataset`` or a callable ``task_key``).
+            distinct values of the ``task_key`` column of ``train_dataset`` (a ``ClassLabel``
+            column: its classes present, in its order). Required for a streaming
+            (``IterableDataset``) train dataset, which is never read to find tasks, and for a
+            callable ``task_key``.
         method: a registered balancedmix method (``"sum"``, ``"mean"``, ``"normalize"``,
             ``"pcgrad"``...) or a callable method; ``"sum"`` leaves the update untouched.
         method_options: keyword options of the method's factory.
         estimator: ``"raw"`` or ``"split"`` (split-half unbiased norms and noise scales; 2x buffers).
+        sketch_dim: ``None`` (exact task buffers) or ``d``: sketch mode, ``K × d`` values instead of
+            ``K × P``, sketched figures with standard errors, corrections applied one step late (see
+            ``BalancedOptimizer``). Not under DDP with this trainer (its DDP micro-steps run under
+            ``no_sync``, and sketch mode needs DDP to sync ``p.grad``).
         schedule: a mixture schedule (``weights(step)`` / ``update(metrics)``) or a
             ``{task: weight}`` dict; ``None`` keeps TRL's ``RepeatSampler`` (dataset proportions).
+            Needs a map-style train dataset (a streaming one raises ``ValueError``).
         log_dir: folder of the per-run ``metrics.jsonl``; ``None`` uses ``args.output_dir``.
         write_jsonl: write the JSONL file (main process only).
         order_by_task: ``"auto"`` re-orders each optimizer step's rows by task when that leaves
@@ -172,6 +192,7 @@ class BalancedConfig:
     method: Any = "sum"
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     estimator: str = "raw"
+    sketch_dim: int | None = None
     schedule: Any = None
     log_dir: str | None = None
     write_jsonl: bool = True
@@ -186,16 +207,72 @@ class BalancedConfig:
             raise ValueError(f"BalancedConfig.report_keys must be one of {list(REPORT_KEY_LEVELS)}, got {self.report_keys!r}")
         if self.estimator not in ("raw", "split"):
             raise ValueError(f"BalancedConfig.estimator must be 'raw' or 'split', got {self.estimator!r}")
+        if self.sketch_dim is not None and (
+            isinstance(self.sketch_dim, bool) or not isinstance(self.sketch_dim, int) or self.sketch_dim < 1
+        ):
+            raise ValueError(f"BalancedConfig.sketch_dim must be None or a positive integer, got {self.sketch_dim!r}")
         if self.order_by_task not in ("auto", True, False):
             raise ValueError(f"BalancedConfig.order_by_task must be 'auto', True or False, got {self.order_by_task!r}")
         if not (isinstance(self.task_key, str) or callable(self.task_key)):
             raise TypeError(f"BalancedConfig.task_key must be a column name or a callable, got {self.task_key!r}")
         if self.tasks is not None:
-            self.tasks = list(self.tasks)
+            self.tasks = list(TaskRegistry(self.tasks).names)  # a str, a set or a reserved name: a clear error now
         self.method_options = dict(self.method_options)
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(BalancedConfig))
+
+
+def _json_default(value: Any) -> Any:
+    """numpy / torch values in a schedule's state become plain Python values."""
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _tail_records(path: str) -> list[dict[str, Any]]:
+    """The last record of a JSONL file (empty list for a missing or empty file)."""
+    if not os.path.isfile(path):
+        return []
+    last = None
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                last = line
+    if last is None:
+        return []
+    try:
+        record = json.loads(last)
+    except json.JSONDecodeError:
+        return []
+    return [record] if isinstance(record, dict) else []
+
+
+def _is_streaming(dataset: Any) -> bool:
+    """An iterable (streaming) dataset: torch ``IterableDataset`` or HF ``datasets.IterableDataset``."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return True
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets comes with trl
+        return False
+    return isinstance(dataset, (datasets.IterableDataset, datasets.IterableDatasetDict))
+
+
+class _RowKey:
+    """Adapts a ``rows -> labels`` task key (``BalancedConfig.task_key``) to the sampler's ``row -> label``."""
+
+    def __init__(self, key: Callable[[Any], Any]) -> None:
+        self.key = key
+
+    def __call__(self, row: Any) -> Any:
+        labels = self.key([row])
+        if isinstance(labels, (str, int)) or not isinstance(labels, (Sequence, torch.Tensor)):
+            return labels
+        if len(labels) != 1:
+            raise TaskError(f"task_key returned {len(labels)} labels for a list of one row; it must return one label per row")
+        return labels[0]
 
 
 def _is_row_tensor(value: Any) -> bool:
@@ -308,6 +385,9 @@ class BalancedGRPOMixin:
         self._bm_segment_outputs: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         self._bm_rewards_per_func: torch.Tensor | None = None
         self._bm_jsonl: JSONLLogger | None = None
+        self._bm_resume_step: int | None = None
+        self._bm_class_names: list[str] | None = None
+        self._bm_label_registry: TaskRegistry | None = None
         self._bm_reset_step()
         super().__init__(*args, **kwargs)
         if optimizer_cls_and_kwargs is not None:
@@ -330,10 +410,34 @@ class BalancedGRPOMixin:
 
     # ------------------------------------------------------------------ set-up
     def _bm_discover_tasks(self) -> list[str]:
+        """The task names, in index order; sets ``_bm_label_registry`` (how integer labels decode).
+
+        A streaming (iterable) ``train_dataset`` is never read here: its tasks must be declared.
+        A map-style dataset's task column is read once (one column read) to check the labels.
+        An HF ``ClassLabel`` column is decoded with the feature's own names.
+        """
         cfg = self.balanced
         dataset = getattr(self, "train_dataset", None)
-        columns = getattr(dataset, "column_names", None)
         key = cfg.task_key
+        class_names = class_label_names(dataset, key) if isinstance(key, str) else None
+        streaming = _is_streaming(dataset)
+        if streaming and cfg.schedule is not None:
+            raise ValueError(
+                "BalancedConfig(schedule=...) needs a map-style train_dataset: the MixtureSampler picks each "
+                "generation batch's prompts by index, and TRL reads a streaming (IterableDataset) train_dataset "
+                "in stream order without a sampler, so the schedule would be ignored. Load the dataset map-style "
+                "(datasets.load_dataset(..., streaming=False), or Dataset.from_generator), or interleave per-task "
+                "streams yourself (datasets.interleave_datasets(probabilities=...)) and drop schedule="
+            )
+        if streaming:
+            if cfg.tasks is None:
+                raise TaskError(
+                    "the train_dataset is a streaming (iterable) dataset, which is not read to find its tasks (it may "
+                    "be large or endless); declare them with BalancedConfig(tasks=[...])"
+                )
+            self._bm_set_label_registry(class_names, cfg.tasks)
+            return list(cfg.tasks)
+        columns = getattr(dataset, "column_names", None)
         if isinstance(key, str) and isinstance(columns, (list, tuple)) and key not in columns:
             raise MissingTaskLabelError(
                 f"train_dataset has no task column {key!r} (its columns are {list(columns)}); add a column naming "
@@ -341,11 +445,21 @@ class BalancedGRPOMixin:
             )
         seen: list[str] | None = None
         if isinstance(key, str) and isinstance(columns, (list, tuple)):
-            values = dataset[key]
-            bad = [v for v in set(values) if not isinstance(v, str)]
-            if bad:
-                raise TaskError(f"task column {key!r} holds non-string labels {sorted(map(repr, bad))[:5]}; tasks are named by strings")
-            seen = sorted(set(values))
+            values = list(dataset[key])
+            if class_names is not None:
+                bad_ids = sorted({v for v in values if not isinstance(v, int) or not 0 <= v < len(class_names)}, key=repr)
+                if bad_ids:
+                    raise TaskError(f"ClassLabel task column {key!r} holds {bad_ids[:5]}, not class indices of {class_names}")
+                present = set(values)
+                seen = [name for i, name in enumerate(class_names) if i in present]  # the ClassLabel's order
+            else:
+                bad = [v for v in set(values) if not isinstance(v, str)]
+                if bad:
+                    raise TaskError(
+                        f"task column {key!r} holds non-string labels {sorted(map(repr, bad))[:5]}; tasks are named by "
+                        "strings (or use a datasets.ClassLabel column)"
+                    )
+                seen = sorted(set(values))
         if cfg.tasks is not None:
             declared = list(cfg.tasks)
             if seen is not None:
@@ -354,15 +468,31 @@ class BalancedGRPOMixin:
                     raise UnknownTaskError(
                         f"train_dataset holds task(s) {unknown} that are not declared in BalancedConfig.tasks={declared}"
                     )
+            self._bm_set_label_registry(class_names, declared)
             return declared
         if seen is None:
             raise TaskError(
-                "cannot list the tasks of this train_dataset (iterable dataset or callable task_key); "
+                "cannot list the tasks of this train_dataset (callable task_key, or a dataset without column_names); "
                 "declare them with BalancedConfig(tasks=[...])"
             )
         if not seen:
             raise TaskError("train_dataset is empty: no task to train")
+        self._bm_set_label_registry(class_names, seen)
         return seen
+
+    def _bm_set_label_registry(self, class_names: list[str] | None, tasks: Sequence[str]) -> None:
+        """Integer labels of a ``ClassLabel`` column are class indices, not task indices."""
+        self._bm_class_names = class_names
+        self._bm_label_registry = TaskRegistry(class_names) if class_names is not None else None
+        if class_names is not None:
+            missing = [t for t in tasks if t not in class_names]
+            if missing:
+                raise UnknownTaskError(f"declared task(s) {missing} are not classes of the ClassLabel task column {class_names}")
+
+    def _bm_row_labels(self, rows: Any) -> list[str]:
+        """One task name per row of TRL's list of row dicts."""
+        registry = self._bm_label_registry if self._bm_label_registry is not None else self.task_registry
+        return task_labels(rows, self.balanced.task_key, registry)
 
     def _bm_check_reorder(self) -> str | None:
         """Why re-ordering rows by task inside an optimizer step would change the gradient (None: it would not)."""
@@ -401,6 +531,7 @@ class BalancedGRPOMixin:
                 method=cfg.method,
                 tasks=list(self.task_registry.names),
                 estimator=cfg.estimator,
+                sketch_dim=cfg.sketch_dim,
                 seed=self.args.seed if cfg.seed is None else cfg.seed,
                 nonfinite=cfg.nonfinite,
                 mismatch_tol=cfg.mismatch_tol,
@@ -408,6 +539,9 @@ class BalancedGRPOMixin:
                 on_step=self._bm_on_optimizer_step,
                 **cfg.method_options,
             )
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16: the task buffers hold loss-scaled gradients
+        if scaler is not None and bopt.grad_scaler is None:
+            bopt.set_grad_scaler(scaler)
         self.optimizer = bopt
         self.balanced_optimizer = bopt
         return bopt
@@ -420,9 +554,13 @@ class BalancedGRPOMixin:
 
         if dataset is None:
             dataset = self.train_dataset
+        key = self.balanced.task_key
+        if callable(key):
+            # BalancedConfig.task_key receives a list of rows (TRL's batch); the sampler reads one row at a time
+            key = _RowKey(key)
         self.mixture_sampler = MixtureSampler(
             dataset,
-            task_key=self.balanced.task_key,
+            task_key=key,
             weights=schedule,
             prompts_per_batch=self.args.generation_batch_size // self.num_generations,
             num_generations=self.num_generations,
@@ -432,6 +570,84 @@ class BalancedGRPOMixin:
         )
         return self.mixture_sampler
 
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # before the Trainer's files: trainer_state.json, written last, marks a complete checkpoint
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            self._bm_save_state(folder)
+        super()._save_checkpoint(model, trial)
+
+    def _bm_state(self) -> dict[str, Any]:
+        sampler = self.mixture_sampler
+        return {
+            "version": _BALANCED_STATE_VERSION,
+            "global_step": int(self.state.global_step),
+            "tasks": list(self.task_registry.names),
+            "sampler": sampler.state_dict() if sampler is not None else None,
+        }
+
+    def _bm_save_state(self, folder: str) -> None:
+        """Write :data:`BALANCED_STATE_NAME` into a checkpoint folder (atomically)."""
+        path = os.path.join(folder, BALANCED_STATE_NAME)
+        state = self._bm_state()
+        try:
+            text = json.dumps(state, default=_json_default)
+        except (TypeError, ValueError) as err:
+            # a user schedule whose state_dict() is not JSON: keep training, say what the resume will lack
+            logger.error(
+                "cannot save the mixture state into %s (%s): a resume from this checkpoint will restart the mixture; "
+                "make the schedule's state_dict() return plain Python values",
+                path, err,
+            )
+            text = json.dumps(dict(state, sampler=None, sampler_error=str(err)))
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+
+    def _bm_load_state(self, checkpoint: str) -> None:
+        """Restore the mixture sampler (and its schedule) saved in ``checkpoint``."""
+        path = os.path.join(checkpoint, BALANCED_STATE_NAME)
+        sampler = self.mixture_sampler
+        if not os.path.isfile(path):
+            if sampler is not None:
+                logger.warning(
+                    "resuming from %s, which has no %s (saved by another trainer or an older balancedmix): the task "
+                    "mixture restarts from the schedule's current state instead of replaying the interrupted run",
+                    checkpoint, BALANCED_STATE_NAME,
+                )
+            return
+        with open(path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        if state.get("version") != _BALANCED_STATE_VERSION:
+            raise TaskError(f"{path}: unknown balancedmix state version {state.get('version')!r}")
+        if list(state["tasks"]) != list(self.task_registry.names):
+            raise TaskError(
+                f"{path} was saved with tasks {state['tasks']}, this trainer's tasks are {list(self.task_registry.names)}"
+            )
+        if sampler is None:
+            if state.get("sampler") is not None:
+                logger.warning("%s holds a mixture sampler state, but this run has no schedule: ignored", path)
+            return
+        if state.get("sampler") is None:
+            reason = state.get("sampler_error") or "saved without a schedule"
+            logger.warning("%s holds no mixture sampler state (%s): the mixture starts afresh", path, reason)
+            return
+        # the Trainer then calls set_epoch(epoch) and re-reads the epoch up to the checkpoint: the
+        # batches drawn before the save keep their recorded weights (see MixtureSampler.load_state_dict)
+        sampler.load_state_dict(state["sampler"])
+
+    def _prepare_for_training(self, max_steps: Any, train_dataloader: Any, resume_from_checkpoint: Any) -> Any:
+        out = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        self._bm_close_log()
+        self._bm_resume_step = None
+        if resume_from_checkpoint is not None:
+            self._bm_load_state(resume_from_checkpoint)
+            self._bm_resume_step = int(self.state.global_step)  # TrainerState of the checkpoint, loaded by now
+        return out
+
     # ------------------------------------------------------------------ labels and rewards
     def _calculate_rewards(self, inputs: Any, prompts: Any, completions: Any, completion_ids_list: Any) -> torch.Tensor:
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -439,7 +655,7 @@ class BalancedGRPOMixin:
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        names = task_labels(inputs, self.balanced.task_key, self.task_registry)
+        names = self._bm_row_labels(inputs)
         ids = [self.task_registry.index(n) for n in names]
         self._bm_rewards_per_func = None
         out = super()._generate_and_score_completions(inputs)
@@ -509,9 +725,22 @@ class BalancedGRPOMixin:
 
     # ------------------------------------------------------------------ loss and backward
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        self._bm_attach_deepspeed(model)
         t0 = time.perf_counter()
+        opt = self.balanced_optimizer
+        if opt is not None and self._bm_microbatches == 0:
+            # first micro-step of an optimizer step: accelerate's prepare may have swapped the optimizer's
+            # parameters for FSDP2 shards since create_optimizer; re-detect before choosing no_sync or not
+            opt.refresh()
         with contextlib.ExitStack() as stack:
-            if self._bm_ddp_buffers_sync():
+            if self._bm_is_fsdp2(model):
+                # FSDP2: per-task gradients are read from p.grad after each task block, so the reduce-scatter
+                # must run at every micro-step. The Trainer puts non-final micro-steps under
+                # accelerator.no_sync (set_requires_gradient_sync(False)); switch it back on for this one.
+                # Never no_sync under FSDP2: p.grad would stay empty and the deferred reduce-scatter would
+                # hand every task's gradient to the last block.
+                model.set_requires_gradient_sync(True)
+            elif self._bm_ddp_buffers_sync():
                 # DDP: no micro-step may let DDP all-reduce p.grad. A micro-batch split by task runs
                 # several forwards before its backwards, and DDP reduces at the first backward after a
                 # synced forward, whichever task it belongs to (ranks would diverge). balancedmix
@@ -527,6 +756,32 @@ class BalancedGRPOMixin:
         self._bm_step_loss = self._bm_step_loss + loss.detach().float().mean()  # a tensor: no device sync here
         self._bm_microbatches += 1
         return loss
+
+    def _bm_is_fsdp2(self, model: Any = None) -> bool:
+        """FSDP2 (``fully_shard``, accelerate ``fsdp_version=2``): by the optimizer's engine or the module type."""
+        opt = getattr(self, "balanced_optimizer", None)
+        if opt is not None and opt.distributed.kind == "fsdp2":
+            return True
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - torch without distributed
+            return False
+        return isinstance(model, FSDPModule)
+
+    def _bm_attach_deepspeed(self, model: Any) -> None:
+        """DeepSpeed: bind the wrapper to the engine once, before the first backward (see distributed/deepspeed.py)."""
+        opt = self.balanced_optimizer
+        if opt is None or opt.distributed.kind != "deepspeed-pending" or not getattr(self, "is_deepspeed_enabled", False):
+            return
+        from ..distributed import UnsupportedDistributedError
+        from ..distributed.deepspeed import attach
+
+        engine = model if hasattr(model, "zero_optimization_stage") else self.model_wrapped
+        if engine.zero_optimization_stage() == 0:
+            raise UnsupportedDistributedError(
+                "BalancedGRPOTrainer under DeepSpeed ZeRO-0 is not supported (untested); use ZeRO-1/2/3 or DDP"
+            )
+        attach(engine, opt)
 
     def _bm_ddp_buffers_sync(self) -> bool:
         """Several processes with DDP (not FSDP2): every micro-step runs under ``no_sync``."""
@@ -553,21 +808,42 @@ class BalancedGRPOMixin:
         self._bm_accumulate(inputs)
         present = torch.unique(task_ids).tolist()
         opt = self._bm_opt()
-        if len(present) == 1:
+        aligned = None
+        if opt.distributed.kind == "fsdp2":
+            # FSDP2 reduce-scatters every task block: every rank must run the same task blocks in the same
+            # order at every micro-step. The union of the tasks present on any rank, in registry order, is
+            # run on every rank (a task absent here gets a zero-weight one-row block).
+            aligned = self._bm_tasks_on_any_rank(task_ids)
+        elif opt.distributed.kind == "deepspeed":  # one task per micro-batch (ZeRO-2/3: the same on every rank)
+            opt.distributed.check_microbatch(present, len(self.task_registry))
+        if len(present) == 1 and (aligned is None or aligned == [int(present[0])]):
             stack.enter_context(opt.task(self.task_registry.name(int(present[0]))))
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        return self._bm_split_backward(model, inputs, opt, stack)
+        return self._bm_split_backward(model, inputs, opt, stack, aligned)
+
+    def _bm_tasks_on_any_rank(self, task_ids: torch.Tensor) -> list[int]:
+        """Task indices present in this micro-step on any rank, sorted: one all-reduce of ``K`` int64."""
+        import torch.distributed as dist
+
+        mask = torch.bincount(task_ids.detach().reshape(-1), minlength=len(self.task_registry)).clamp_(max=1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(mask)
+        return [t for t, n in enumerate(mask.tolist()) if n > 0]
 
     def _bm_opt(self) -> BalancedOptimizer:
         if self.balanced_optimizer is None:
             raise RuntimeError("BalancedGRPOTrainer has no BalancedOptimizer yet: it is built by create_optimizer() in train()")
         return self.balanced_optimizer
 
-    def _bm_split_backward(self, model: Any, inputs: dict[str, Any], opt: BalancedOptimizer, stack: contextlib.ExitStack) -> torch.Tensor:
+    def _bm_split_backward(
+        self, model: Any, inputs: dict[str, Any], opt: BalancedOptimizer, stack: contextlib.ExitStack, aligned: list[int] | None = None
+    ) -> torch.Tensor:
         """Loss of a mixed micro-batch with one backward per task sub-batch (see the module doc).
 
         Returns a tensor whose value is the unsplit micro-batch loss and whose backward (run by
-        the Trainer, under the last task's ``opt.task``) is the last task's share.
+        the Trainer, under the last task's ``opt.task``) is the last task's share. ``aligned``
+        (FSDP2): the tasks to run blocks for, on every rank alike; a task without rows here runs
+        its forward on one row and back-propagates zero (FSDP2's collectives stay matched).
         """
         mm = [k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None]
         if mm:
@@ -591,6 +867,8 @@ class BalancedGRPOMixin:
             if n:
                 segments.append((self.task_registry.name(t), start, start + n))
                 start += n
+            elif aligned is not None and t in aligned:
+                segments.append((self.task_registry.name(t), 0, 0))  # empty here: a zero-weight block
         self._bm_segments = segments
         self._bm_segment_outputs = []
         try:
@@ -602,7 +880,9 @@ class BalancedGRPOMixin:
             raise RuntimeError("the policy forward of _compute_loss was not intercepted; cannot split the micro-batch by task")
         self._bm_split_count += 1
         leaves: list[torch.Tensor] = []
-        for _, logps, ent in outputs:
+        for (_, a, b), (_, logps, ent) in zip(segments, outputs):
+            if a == b:
+                continue  # zero-weight block: not part of the loss
             leaves.append(logps)
             if ent is not None and ent.requires_grad:
                 leaves.append(ent)
@@ -611,16 +891,21 @@ class BalancedGRPOMixin:
 
         def surrogate(logps: torch.Tensor, ent: torch.Tensor | None) -> torch.Tensor:
             total = logps.new_zeros(())
+            if id(logps) not in seeds:  # a zero-weight block: runs the backward (and its collectives), adds 0
+                return (logps * 0.0).sum()
             for x in (logps, ent):
                 g = seeds.get(id(x)) if x is not None else None
                 if g is not None:
                     total = total + (x * g).sum()
             return total
 
+        # DDP: keep DDP's reducer out of the partial backwards (sync="buffers" is on anyway); never under FSDP2,
+        # where each task's block must be reduce-scattered on its own
+        ddp = opt.distributed.kind == "ddp"
         for name, logps, ent in outputs[:-1]:
             part = surrogate(logps, ent)
             if part.requires_grad:
-                with self.accelerator.no_sync(model), opt.task(name):
+                with self.accelerator.no_sync(model) if ddp else contextlib.nullcontext(), opt.task(name):
                     self.accelerator.backward(part)
         name, logps, ent = outputs[-1]
         stack.enter_context(opt.task(name))
@@ -640,10 +925,14 @@ class BalancedGRPOMixin:
         kwargs = dict(kwargs, compute_aux_loss=False)
         logps_parts, ent_parts = [], []
         for name, a, b in segments:
+            empty = a == b
+            rows = slice(0, 1) if empty else slice(a, b)  # an empty (aligned) segment: one row, weight 0
             logps, ent, _ = super()._get_per_token_logps_and_entropies(
-                model, input_ids[a:b], attention_mask[a:b], logits_to_keep, **kwargs
+                model, input_ids[rows], attention_mask[rows], logits_to_keep, **kwargs
             )
             self._bm_segment_outputs.append((name, logps, ent))
+            if empty:
+                continue
             logps_parts.append(logps)
             ent_parts.append(ent)
         entropies = torch.cat(ent_parts, dim=0) if compute_entropy else None
@@ -737,10 +1026,21 @@ class BalancedGRPOMixin:
 
     def _bm_log(self, record: Mapping[str, float], step: int) -> None:
         if self._bm_jsonl is None:
-            log_dir = self.balanced.log_dir or self.args.output_dir
-            self._bm_jsonl = JSONLLogger(
-                os.path.join(log_dir, METRICS_FILENAME), overwrite=True, main_process=self.accelerator.is_main_process
-            )
+            path = self.metrics_path
+            main = self.accelerator.is_main_process
+            resume = self._bm_resume_step
+            if resume is not None and main:
+                # a resumed run: keep the steps up to the checkpoint, drop those it redoes, append
+                dropped = truncate_after_step(path, resume)
+                if dropped:
+                    logger.info("resuming at step %d: dropped %d line(s) past it from %s", resume, dropped, path)
+                kept = [r.get("step") for r in _tail_records(path)]
+                if not kept or kept[-1] != resume:
+                    logger.warning(
+                        "resuming at step %d, but %s ends at step %s: the steps in between are missing from the log",
+                        resume, path, kept[-1] if kept else None,
+                    )
+            self._bm_jsonl = JSONLLogger(path, overwrite=resume is None, main_process=main)
         self._bm_jsonl.log(record, step=step)
 
     @property

@@ -1,0 +1,411 @@
+"""CountSketch (balancedmix.sketch) and the two gradient storages (balancedmix.storage)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balancedmix import stats
+from balancedmix.sketch import (
+    CountSketch,
+    _hash_range,
+    _hash_reference,
+    delta_standard_errors,
+    gram_covariance,
+    global_starts,
+    inner_product_variance,
+    mix64,
+)
+from balancedmix.storage import ExactStorage, SketchStorage
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sketches_over_keys(vectors: torch.Tensor, dim: int, n_keys: int, first: int = 0, start: int = 0) -> torch.Tensor:
+    """``[n_keys, V, d]``: the sketch of each row of ``vectors`` ``[V, n]`` (at coordinate ``start``) under keys ``first..``."""
+    cs = CountSketch(dim)
+    n = vectors.shape[1]
+    out = torch.zeros(n_keys, vectors.shape[0], dim, dtype=torch.float64)
+    for i in range(n_keys):
+        h, s = cs.buckets_and_signs(start, n, cs.key(first + i))
+        out[i].index_add_(1, h, vectors.to(torch.float64) * s)
+    return out
+
+
+# ----------------------------------------------------------------------------- the hash
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**45), st.integers(1, 300), st.integers(0, 2**64 - 1))
+def test_vectorised_hash_matches_the_reference_across_block_boundaries(start, n, key):
+    got = _hash_range(start, n, key, torch.device("cpu"))
+    for k in (0, n // 2, n - 1):
+        assert int(got[k]) & 0xFFFFFFFF == _hash_reference(start + k, key)
+
+
+def test_hash_of_a_range_straddling_a_block_boundary_equals_the_hash_of_its_pieces():
+    key = mix64(9, 9)
+    b = 1 << 20
+    whole = _hash_range(b - 5, 12, key, torch.device("cpu"))
+    torch.testing.assert_close(whole, torch.cat([_hash_range(b - 5, 5, key, torch.device("cpu")),
+                                                 _hash_range(b, 7, key, torch.device("cpu"))]))
+    assert [int(x) & 0xFFFFFFFF for x in whole] == [_hash_reference(j, key) for j in range(b - 5, b + 7)]
+
+
+def test_keys_differ_by_seed_and_step():
+    assert len({mix64(s, t) for s in range(5) for t in range(5)}) == 25
+    cs = CountSketch(64, seed=3)
+    assert cs.key(0) != cs.key(1) and CountSketch(64, seed=3).key(7) == cs.key(7)
+
+
+def test_buckets_are_uniform_and_signs_balanced():
+    cs = CountSketch(16)
+    h, s = cs.buckets_and_signs(0, 160_000, cs.key(0))
+    counts = torch.bincount(h, minlength=16).double()
+    # chi-square with 15 degrees of freedom: P(χ² > 50) < 1e-5
+    assert float(((counts - 10_000) ** 2 / 10_000).sum()) < 50
+    assert abs(float(s.mean())) < 5 / math.sqrt(160_000)
+
+
+@pytest.mark.parametrize("dim", [0, -3, 2.5, True, 2**31])
+def test_bad_dimension_is_rejected(dim):
+    with pytest.raises(ValueError, match="sketch dimension"):
+        CountSketch(dim)
+
+
+# ----------------------------------------------------------------------------- linearity
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 400),
+    st.lists(st.floats(0.0, 1.0), min_size=0, max_size=6),
+    st.integers(1, 50),
+    st.sampled_from([1, 7, 12, 64]),
+    st.integers(0, 2**40),
+)
+def test_sum_of_sketches_of_disjoint_pieces_is_the_sketch_of_the_whole(n, cuts, chunk, dim, offset):
+    x = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    whole_cs = CountSketch(dim, seed=1)
+    key = whole_cs.key(5)
+    whole = whole_cs.sketch(x, start=offset, key=key)
+    bounds = sorted({0, n, *(int(c * n) for c in cuts)})
+    pieces_cs = CountSketch(dim, seed=1, chunk=chunk)  # chunking is a detail of the computation
+    total = torch.zeros(dim, dtype=torch.float64)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        pieces_cs.add_(total, x[lo:hi], offset + lo, key)
+    torch.testing.assert_close(total, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_sketch_is_the_matrix_product_and_linear_in_the_values():
+    cs = CountSketch(8, seed=2)
+    key = cs.key(0)
+    a, b = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    mat = cs.matrix(50, key)
+    torch.testing.assert_close(cs.sketch(a, key=key), mat @ a)
+    torch.testing.assert_close(cs.sketch(2 * a - 3 * b, key=key), 2 * cs.sketch(a, key=key) - 3 * cs.sketch(b, key=key))
+    assert set(mat.abs().sum(0).tolist()) == {1.0}  # one ±1 per column
+
+
+def test_a_matrix_parameter_is_sketched_by_its_row_major_coordinates():
+    cs = CountSketch(32, seed=0)
+    key = cs.key(0)
+    w = torch.randn(6, 5, dtype=torch.float64)
+    torch.testing.assert_close(cs.sketch(w.t(), key=key), cs.sketch(w.t().contiguous().reshape(-1), key=key))
+    # row split (an FSDP2 Shard(0) shard holds rows row0.. at coordinate row0 * row_numel)
+    top = cs.sketch(w[:2], start=0, key=key)
+    rest = cs.sketch(w[2:], start=2 * 5, key=key)
+    torch.testing.assert_close(top + rest, cs.sketch(w, key=key))
+
+
+def test_global_starts_of_plain_parameters_are_cumulative_sizes():
+    assert global_starts([torch.zeros(3, 4), torch.zeros(5), torch.zeros(())]) == [0, 12, 17]
+
+
+# ----------------------------------------------------------------------------- moments over seeds
+
+
+def test_pairwise_collision_moments_match_a_fully_random_hash():
+    """E[s_i s_j 1{h_i=h_j}] = 0 (i≠j), P(h_i = h_j) = 1/d, E[(s_i s_j 1{h_i=h_j})(s_k s_l 1{h_k=h_l})] = 0."""
+    dim, n, keys = 8, 12, 6000
+    cs = CountSketch(dim)
+    coll = torch.zeros(keys, n, n, dtype=torch.float64)
+    signed = torch.zeros(keys, n, n, dtype=torch.float64)
+    for i in range(keys):
+        h, s = cs.buckets_and_signs(0, n, cs.key(i))
+        eq = (h[:, None] == h[None, :]).double()
+        coll[i] = eq
+        signed[i] = eq * s[:, None] * s[None, :]
+    off = ~torch.eye(n, dtype=torch.bool)
+    p = 1.0 / dim
+    se_p = math.sqrt(p * (1 - p) / keys)
+    assert float((coll.mean(0)[off] - p).abs().max()) < 5 * se_p
+    se_x = math.sqrt(p / keys)
+    assert float(signed.mean(0)[off].abs().max()) < 5 * se_x
+    # four distinct coordinates: the products of two colliding pairs average 0
+    four = signed[:, 0, 1] * signed[:, 2, 3]
+    assert abs(float(four.mean())) < 6 * math.sqrt(p * p / keys)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(20, 120), st.sampled_from([4, 16]), st.floats(-0.9, 0.9), st.integers(0, 10_000))
+def test_inner_products_unbiased_with_the_stated_variance_over_seeds(n, dim, rho, seed):
+    """Over 3000 keys: mean of ⟨Sa,Sb⟩ within 5 SE of ⟨a,b⟩; variance within 20 % of the formula."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, dtype=torch.float64, generator=g)
+    b = rho * a + math.sqrt(1 - rho * rho) * torch.randn(n, dtype=torch.float64, generator=g)
+    b[: n // 4] *= 3.0  # uneven coordinates: the fourth-moment term matters
+    keys = 3000
+    # the coordinates straddle two global hash blocks
+    sk = sketches_over_keys(torch.stack([a, b]), dim, keys, first=seed, start=(1 << 20) - n // 2)
+    est = (sk[:, 0] * sk[:, 1]).sum(-1)
+    var = inner_product_variance(float(a @ a), float(b @ b), float(a @ b), dim, float((a * a * b * b).sum()))
+    assert abs(float(est.mean()) - float(a @ b)) < 5 * math.sqrt(var / keys)
+    emp = float(est.var())
+    assert abs(emp / var - 1.0) < 0.2, (emp, var)
+
+
+def test_squared_norm_relative_error_is_sqrt_2_over_d_for_spread_vectors():
+    dim = 256
+    a = torch.randn(20_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cs = CountSketch(dim)
+    est = torch.tensor([float(cs.sketch(a, key=cs.key(k)).square().sum()) for k in range(400)])
+    rel = est / float(a @ a) - 1.0
+    assert abs(float(rel.std()) / math.sqrt(2 / dim) - 1.0) < 0.15
+    assert abs(float(rel.mean())) < 5 * math.sqrt(2 / dim / 400)
+
+
+# ----------------------------------------------------------------------------- standard errors
+
+
+def test_delta_method_reproduces_the_closed_form_variances():
+    gram = torch.tensor([[4.0, 1.0, -0.5], [1.0, 2.0, 0.3], [-0.5, 0.3, 1.0]], dtype=torch.float64)
+    d = 100
+    cov = gram_covariance(gram, d)
+    # Var Ĝ_01 = (G00 G11 + G01²)/d; Var Ĝ_00 = 2 G00²/d
+    assert math.isclose(float(cov[0, 1, 0, 1]), (4 * 2 + 1) / d)
+    assert math.isclose(float(cov[0, 0, 0, 0]), 2 * 16 / d)
+    se = delta_standard_errors(lambda g: torch.stack([g[0, 1], g[0, 0]]), gram, d)
+    torch.testing.assert_close(se, torch.tensor([math.sqrt(9 / d), math.sqrt(32 / d)], dtype=torch.float64))
+    # a general function: the contracted form equals J Cov Jᵀ with the explicit covariance
+    fn = lambda g: stats.cosines(g)[0, 1:]  # noqa: E731
+    jac = torch.autograd.functional.jacobian(lambda x: fn(x).reshape(-1), gram).reshape(2, -1)
+    full = jac @ cov.reshape(9, 9) @ jac.T
+    torch.testing.assert_close(delta_standard_errors(fn, gram, d), full.diagonal().sqrt())
+
+
+def test_a_zero_task_gradient_gets_zero_standard_errors_and_leaves_the_others_finite():
+    gram = torch.tensor([[0.0, 0, 0], [0, 4, 1], [0, 1, 2]], dtype=torch.float64)
+
+    def fn(g):
+        cos = stats.cosines(g)
+        return torch.cat([stats.norms(g), stats.update_shares(g), torch.stack([cos[0, 1], cos[1, 2]])])
+
+    se = delta_standard_errors(fn, gram, 100)
+    assert torch.isfinite(se).all()
+    # through a grouping of rows (a matrix product, as the optimizer sums split halves) too
+    agg = torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(delta_standard_errors(lambda g: fn(agg @ g @ agg.T), gram, 100), se)
+    assert se[0] == 0 and se[3] < 1e-20 and se[6] < 1e-20  # the zero task's norm, share and cosine
+    # task 1's norm: SE(‖a‖) = SE(‖a‖²) / (2‖a‖) = sqrt(2/d) ‖a‖ / 2
+    assert float(se[1]) == pytest.approx(math.sqrt(2 / 100) * 2 / 2)
+
+
+def test_predicted_standard_errors_of_norms_cosines_and_shares_match_monte_carlo():
+    g = torch.Generator().manual_seed(4)
+    n, dim, keys = 3000, 64, 600
+    base = torch.randn(n, dtype=torch.float64, generator=g)
+    vecs = torch.stack([3 * base + torch.randn(n, dtype=torch.float64, generator=g),
+                        base + torch.randn(n, dtype=torch.float64, generator=g),
+                        0.5 * torch.randn(n, dtype=torch.float64, generator=g)])
+    gram = vecs @ vecs.T
+
+    def figures(gm: torch.Tensor) -> torch.Tensor:
+        return torch.cat([stats.norms(gm), stats.cosines(gm)[0, 1:2], stats.update_shares(gm)])
+
+    se = delta_standard_errors(figures, gram, dim)
+    sk = sketches_over_keys(vecs, dim, keys)
+    vals = torch.stack([figures(s @ s.T) for s in sk])
+    emp = vals.std(0)
+    ratio = emp / se
+    assert torch.all((ratio > 0.8) & (ratio < 1.25)), ratio
+    # and the estimates are centred on the exact figures (bias O(1/d) ≪ SE for these)
+    assert torch.all((vals.mean(0) - figures(gram)).abs() < 5 * se / math.sqrt(keys) + 0.05 * se)
+
+
+# ----------------------------------------------------------------------------- storages
+
+
+def _params():
+    return [torch.zeros(4, 3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)]
+
+
+def test_sketch_storage_rows_are_sketches_of_the_row_gradients_and_memory_is_rows_times_d():
+    params = _params()
+    store = SketchStorage(params, dim=16, seed=3, dtype=torch.float64, order=lambda k: k)
+    g = torch.Generator().manual_seed(0)
+    grads = {k: [torch.randn(p.shape, dtype=torch.float64, generator=g) for p in params] for k in (1, 0, 2)}
+    for k, gs in grads.items():
+        r = store.row(k)
+        for i, gr in enumerate(gs):
+            store.add(r, i, gr)
+        assert store.hook_scale(r) == 1.0  # no coefficient yet: autograd gets grad unchanged
+    assert store.keys == [0, 1, 2] and store.finish() == [0, 1, 2]
+    assert store.nbytes == 3 * 16 * 8 and tuple(store.data.shape) == (3, 16)
+    mat = store.sketcher.matrix(17, store.key)
+    flat = {k: torch.cat([t.reshape(-1) for t in gs]) for k, gs in grads.items()}
+    for k in (0, 1, 2):
+        torch.testing.assert_close(store.data[store.index(k)], mat @ flat[k])
+    total = [sum(grads[k][i] for k in grads) for i in range(2)]
+    row_gram, dots, sq = store.row_stats(total)
+    sk = torch.stack([mat @ flat[k] for k in (0, 1, 2)])
+    torch.testing.assert_close(row_gram, sk @ sk.T)
+    torch.testing.assert_close(dots, sk @ sk.sum(0))
+    torch.testing.assert_close(sq, sk.sum(0) @ sk.sum(0))
+
+
+def test_sketch_storage_split_rows_cost_two_k_times_d():
+    params = [torch.zeros(1000)]
+    store = SketchStorage(params, dim=64)
+    store.reserve([("task", t, h) for t in range(4) for h in (0, 1)])
+    assert store.nbytes == 2 * 4 * 64 * 4
+    big = [v for v in vars(store).values() if isinstance(v, torch.Tensor) and v.numel() >= 1000]
+    assert big == []  # nothing of size P is kept
+
+
+def test_sketch_storage_applies_lagged_coefficients_in_the_hook_and_keeps_absent_ones():
+    params = [torch.zeros(6, dtype=torch.float64)]
+    store = SketchStorage(params, dim=8, dtype=torch.float64, order=lambda k: k)
+    a, b = store.row("a"), store.row("b")
+    ga = torch.arange(6.0, dtype=torch.float64)
+    store.add(a, 0, ga)
+    store.add(b, 0, ga)
+    assert store.hook_scale(a) == store.hook_scale(b) == store.hook_scale(None) == 1.0
+    torch.testing.assert_close(store.applied(), torch.ones(2, dtype=torch.float64))
+    applied = store.combine(torch.tensor([0.5, 2.0]), 1.0, [None])
+    torch.testing.assert_close(applied, torch.ones(2, dtype=torch.float64))  # this step: the previous ones
+    store.reset()
+    assert store.hook_scale(a) == 0.5 and store.hook_scale(b) == 2.0  # next step: the hook scales
+    store.add(a, 0, ga)
+    torch.testing.assert_close(store.applied(), torch.tensor([0.5, 2.0], dtype=torch.float64))
+    store.combine(torch.tensor([0.25, 7.0]), 1.0, [None])  # only "a" was used: "b" keeps 2.0
+    store.reset()
+    torch.testing.assert_close(store.applied(), torch.tensor([0.25, 2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        store.combine(torch.ones(2), 1.0, [None], rebuild=True)
+
+
+def test_sketch_storage_state_round_trip_and_mismatch():
+    params = [torch.zeros(6)]
+    store = SketchStorage(params, dim=8, seed=5)
+    r = store.row(("task", 0, 0))
+    store.add(r, 0, torch.ones(6))
+    store.combine(torch.tensor([0.5]), 1.0, [None])
+    store.reset()
+    other = SketchStorage(params, dim=8, seed=5)
+    other.load_state_dict(store.state_dict())
+    assert other.key == store.key and other._coef == {("task", 0, 0): 0.5}
+    with pytest.raises(ValueError, match="sketch_dim=8"):
+        SketchStorage(params, dim=16, seed=5).load_state_dict(store.state_dict())
+    with pytest.raises(ValueError, match="'sketch' gradient storage"):
+        ExactStorage(params).load_state_dict(store.state_dict())
+
+
+def test_reset_draws_a_new_hash_and_empties_the_rows():
+    store = SketchStorage([torch.zeros(10)], dim=4)
+    r = store.row("x")
+    store.add(r, 0, torch.ones(10))
+    k0 = store.key
+    store.reset()
+    assert store.key != k0 and float(store.data.abs().sum()) == 0.0 and store.finish() == []
+
+
+def test_exact_storage_stats_and_combine_match_explicit_vectors():
+    params = _params()
+    store = ExactStorage(params, dtype=torch.float64, order=lambda k: k)
+    g = torch.Generator().manual_seed(1)
+    rows = {k: [torch.randn(p.shape, dtype=torch.float64, generator=g) for p in params] for k in (0, 1)}
+    for k, gs in rows.items():
+        r = store.row(k)
+        for i, gr in enumerate(gs):
+            store.add(r, i, gr)
+        assert store.hook_scale(r) == 1.0
+    store.finish()
+    flat = torch.stack([torch.cat([t.reshape(-1) for t in rows[k]]) for k in (0, 1)])
+    pgrad = [2.0 * (rows[0][i] + rows[1][i]) for i in range(2)]  # a clip by 2
+    row_gram, dots, sq = store.row_stats(pgrad)
+    torch.testing.assert_close(row_gram, flat @ flat.T)
+    torch.testing.assert_close(dots, flat @ (2 * flat.sum(0)))
+    torch.testing.assert_close(store.applied(), torch.ones(2, dtype=torch.float64))
+    coef = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    assert torch.equal(store.combine(coef, 2.0, pgrad), coef)
+    got = torch.cat([t.reshape(-1) for t in pgrad])
+    torch.testing.assert_close(got, 2.0 * (coef @ flat))
+    store.combine(coef, 0.5, pgrad, rebuild=True)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in pgrad]), 0.5 * (coef @ flat))
+    assert store.figure_errors(row_gram, torch.ones(2), 2) is None and store.entry_error(row_gram, 0, 1) is None
+
+
+def test_exact_combine_with_unit_coefficients_leaves_p_grad_bit_identical():
+    params = [torch.zeros(5)]
+    store = ExactStorage(params)
+    r = store.row("a")
+    store.add(r, 0, torch.full((5,), 0.1))
+    grad = torch.full((5,), 0.1)
+    before = grad.clone()
+    store.combine(torch.ones(1), 0.7, [grad])
+    assert torch.equal(grad, before)
+
+
+def test_lagged_exact_storage_keeps_exact_rows_and_defers_the_correction_to_the_hooks():
+    from balancedmix.storage import LaggedExactStorage, make_storage
+
+    params = [torch.zeros(4, dtype=torch.float64)]
+    store = make_storage(params, params, None, dtype=torch.float64, order=lambda k: k, subset=True)
+    assert isinstance(store, LaggedExactStorage) and store.lagged and store.holds_gradients and not store.can_rebuild
+    a = store.row("a")
+    store.add(a, 0, torch.ones(4, dtype=torch.float64))
+    store.finish()
+    grad = torch.ones(4, dtype=torch.float64)
+    applied = store.combine(torch.tensor([3.0]), 1.0, [grad])
+    assert torch.equal(grad, torch.ones(4, dtype=torch.float64))  # p.grad untouched now
+    assert applied.tolist() == [1.0] and store.hook_scale(a) == 3.0  # the hooks scale next step
+    row_gram, _, _ = store.row_stats(None)
+    assert row_gram.tolist() == [[4.0]]  # exact
+    other = make_storage(params, params, None, dtype=torch.float64, order=lambda k: k, subset=True)
+    other.load_state_dict(store.state_dict())
+    other.row("a")
+    assert other.hook_scale(0) == 3.0
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        store.combine(torch.ones(1), 1.0, [grad], rebuild=True)
+
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(2, 5), st.booleans(), st.integers(0, 10_000), st.booleans())
+def test_closed_form_figure_errors_equal_the_delta_method(k, untagged, seed, zero_task):
+    from balancedmix.sketch import figure_standard_errors
+
+    g = torch.Generator().manual_seed(seed)
+    m = k + int(untagged)
+    vecs = torch.randn(m, 30, dtype=torch.float64, generator=g)
+    if zero_task:
+        vecs[0] = 0.0
+    gram = vecs @ vecs.T
+    coef = torch.rand(m, dtype=torch.float64, generator=g) + 0.2
+    if untagged:
+        coef[-1] = 1.0
+    d = 128
+    norm_se, share_se, cos_se = figure_standard_errors(gram, coef, k, d)
+    iu = torch.triu_indices(k, k, 1)
+
+    def fn(gm):
+        cos = stats.cosines(gm[:k, :k])
+        return torch.cat([stats.norms(gm), stats.update_shares(gm, coef), cos[iu[0], iu[1]]])
+
+    want = delta_standard_errors(fn, gram, d)
+    torch.testing.assert_close(norm_se, want[:m], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(share_se, want[m : 2 * m], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(cos_se[iu[0], iu[1]], want[2 * m :], rtol=1e-6, atol=1e-12)
