@@ -172,6 +172,7 @@ def test_two_grpo_steps_on_the_real_model(converted, monkeypatch, tmp_path):
         learning_rate=1e-5,
         max_completion_length=8,
         cpu_threads=None,
+        seeds=1,
     )
     out = run_demo(out=tmp_path / "demo", methods=["normalize"], preset=cfg, progress=False, report=False)
     lines = [json.loads(x) for x in (out / "normalize" / "metrics.jsonl").read_text().splitlines()]
