@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from .suite import task_reward_fn
+
 __all__ = [
     "GGUF_FILE",
     "INSTALL_COMMAND",
@@ -302,26 +304,9 @@ def build_splits(
     return Dataset.from_list(train_rows), Dataset.from_list(eval_rows)
 
 
-def _make_reward_fn(name: str) -> Callable[..., list[float | None]]:
-    def reward_fn(
-        prompts: Sequence[Any], completions: Sequence[Any], task: Sequence[str], answer: Sequence[str], **kwargs: Any
-    ) -> list[float | None]:
-        if not (len(completions) == len(task) == len(answer)):
-            raise ValueError(
-                f"reward_{name}: completions, task and answer must have the same length, got "
-                f"{len(completions)}, {len(task)}, {len(answer)}"
-            )
-        return [score(name, c, a) if t == name else None for c, t, a in zip(completions, task, answer)]
-
-    reward_fn.__name__ = f"reward_{name}"
-    reward_fn.__qualname__ = f"reward_{name}"
-    reward_fn.__doc__ = f"TRL reward function of smollm2 task {name!r}: 0/1, None on other tasks' rows."
-    return reward_fn
-
-
 def reward_functions(tasks: Sequence[str] = SMOLLM2_TASKS) -> list[Callable[..., list[float | None]]]:
     """One TRL reward function per task, ``reward_<task>(prompts, completions, task, answer, **kw)``."""
-    return [_make_reward_fn(t) for t in _check_tasks(tasks)]
+    return [task_reward_fn(t, score, "smollm2") for t in _check_tasks(tasks)]
 
 
 @torch.no_grad()

@@ -233,7 +233,13 @@ def build_splits(
     return Dataset.from_list(train_rows), Dataset.from_list(eval_rows)
 
 
-def _make_reward_fn(name: str) -> Callable[..., list[float | None]]:
+def task_reward_fn(
+    name: str, score_fn: Callable[[str, Any, str], float], suite: str = ""
+) -> Callable[..., list[float | None]]:
+    """A TRL reward function ``reward_<name>(prompts, completions, task, answer, **kw)`` for one task:
+    ``score_fn(name, completion, answer)`` on the task's rows, ``None`` on other tasks' rows (TRL then
+    ignores the row for that function). Shared by the demo's suites (``suite`` names one in the doc)."""
+
     def reward_fn(
         prompts: Sequence[Any], completions: Sequence[Any], task: Sequence[str], answer: Sequence[str], **kwargs: Any
     ) -> list[float | None]:
@@ -242,18 +248,18 @@ def _make_reward_fn(name: str) -> Callable[..., list[float | None]]:
                 f"reward_{name}: completions, task and answer must have the same length, got "
                 f"{len(completions)}, {len(task)}, {len(answer)}"
             )
-        return [score(name, c, a) if t == name else None for c, t, a in zip(completions, task, answer)]
+        return [score_fn(name, c, a) if t == name else None for c, t, a in zip(completions, task, answer)]
 
     reward_fn.__name__ = f"reward_{name}"
     reward_fn.__qualname__ = f"reward_{name}"
-    reward_fn.__doc__ = f"TRL reward function of task {name!r}: its score in [0, 1], None on other tasks' rows."
+    reward_fn.__doc__ = f"TRL reward function of {suite + ' ' if suite else ''}task {name!r}: its score in [0, 1], None on other tasks' rows."
     return reward_fn
 
 
 def reward_functions(config: SuiteConfig | None = None) -> list[Callable[..., list[float | None]]]:
     """One TRL reward function per task, named ``reward_<task>`` (TRL logs ``rewards/reward_<task>/mean``)."""
     cfg = config or SuiteConfig()
-    return [_make_reward_fn(t) for t in cfg.tasks]
+    return [task_reward_fn(t, score) for t in cfg.tasks]
 
 
 def _tokenize_sft(tokenizer: Any, rows: Sequence[Mapping[str, str]]) -> list[tuple[list[int], int]]:
