@@ -339,8 +339,9 @@ def _doc_command() -> str:
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text().replace("\n", " ")
-    start = text.index("OMP_NUM_THREADS=1 python -m torch.distributed.run")
-    end = text.index("deepspeed_zero2.json", start) + len("deepspeed_zero2.json")
+    # the launch line that names the ZeRO-2 config (other sections document other launches)
+    end = text.index("examples/deepspeed_zero2.json") + len("examples/deepspeed_zero2.json")
+    start = text.rindex("OMP_NUM_THREADS=1 python -m torch.distributed.run", 0, end)
     return " ".join(text[start:end].split())
 
 
