@@ -21,7 +21,6 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'balancedmix[deepspeed]' with DS_BUILD_OPS=0)")
@@ -29,6 +28,7 @@ deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pi
 from balancedmix import BalancedOptimizer, available_methods  # noqa: E402
 from balancedmix.distributed import DistributedStateError, SingleProcess, UnsupportedDistributedError  # noqa: E402
 from dist_harness import run_ranks  # noqa: E402
+from test_distributed import batch, loss_fn, make_model  # noqa: E402 - the same tiny MLP and batches as the DDP/FSDP2 tests
 
 pytestmark = pytest.mark.distributed
 
@@ -43,24 +43,6 @@ RTOL, ATOL = 1e-5, 1e-6
 ALIGNED = {0: ["a", "b", "a"], 1: ["a", "b", "a"]}
 # ZeRO-1 captures local gradients: ranks may differ ("b" only on rank 0, "c" only on rank 1)
 UNALIGNED = {0: ["a", "a", "b"], 1: ["c", "c", "a"]}
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-
-
-def batch(step: int, rank: int, micro: int, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + 100 * rank + micro)
-    shift = {"a": 0.0, "b": 2.0, "c": -3.0}[task]
-    x = torch.randn(4, 6, generator=g)
-    y = torch.randn(4, 3, generator=g) * (1.0 + abs(shift)) + shift
-    return x, y
-
-
-def loss_fn(model: nn.Module, xy: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = xy
-    return ((model(x) - y) ** 2).mean()
 
 
 def ds_config(stage: int, **zero: object) -> dict:

@@ -17,26 +17,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'balancedmix[deepspeed]' with DS_BUILD_OPS=0)")
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from balancedmix.demo.toy import build_char_tokenizer, build_tiny_causal_lm  # noqa: E402
 from balancedmix.integrations.trl import BalancedConfig, BalancedGRPOTrainer  # noqa: E402
 from dist_harness import run_ranks  # noqa: E402
+from test_trl import make_dataset  # noqa: E402 - the same three-task dataset as the TRL tests
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TASKS = ("add", "copy", "rev")
 STEPS = 2
-
-
-def make_dataset(n_per_task: int = 8) -> Dataset:
-    rows = []
-    for i in range(n_per_task):
-        rows.append({"prompt": f"{i}+{i + 1}=", "task": "add", "answer": str(2 * i + 1)})
-        rows.append({"prompt": f"copy {chr(97 + i)}{chr(98 + i)}:", "task": "copy", "answer": f"{chr(97 + i)}{chr(98 + i)}"})
-        rows.append({"prompt": f"rev {chr(99 + i)}a:", "task": "rev", "answer": f"a{chr(99 + i)}"})
-    return Dataset.from_list(rows)
 
 
 def reward(prompts, completions, task, answer, **kwargs):
