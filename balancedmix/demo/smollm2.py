@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .suite import task_reward_fn
+from .suite import draw_distinct, task_reward_fn
 
 __all__ = [
     "GGUF_FILE",
@@ -266,20 +266,13 @@ def _rows(tasks: tuple[str, ...], n_per_task: int, seed: int, exclude: set[str])
         raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
     per_task = []
     for task in tasks:
-        rng = random.Random(f"smollm2/{seed}/{task}")
-        seen: set[str] = set()
-        rows: list[dict[str, Any]] = []
-        attempts = 0
-        while len(rows) < n_per_task:
-            attempts += 1
-            if attempts > 200 * n_per_task + 1000:
-                raise ValueError(f"smollm2 task {task!r}: could not draw {n_per_task} distinct prompts (only {len(rows)}); ask for fewer rows")
+
+        def draw(rng: random.Random, task: str = task) -> tuple[str, dict[str, Any]]:
             question, answer = _TASKS[task][1](rng)
-            if question in seen or question in exclude:
-                continue
-            seen.add(question)
-            rows.append({"prompt": [{"role": "user", "content": question}], "task": task, "answer": answer})
-        per_task.append(rows)
+            return question, {"prompt": [{"role": "user", "content": question}], "task": task, "answer": answer}
+
+        rng = random.Random(f"smollm2/{seed}/{task}")
+        per_task.append(draw_distinct(f"smollm2 task {task!r}", n_per_task, rng, draw, exclude, "ask for fewer rows"))
     out = [rows[i] for i in range(n_per_task) for rows in per_task]
     random.Random(f"smollm2/{seed}/order").shuffle(out)
     return out

@@ -185,6 +185,29 @@ def max_answer_chars(config: SuiteConfig | None = None) -> int:
     return max(lengths[t] for t in cfg.tasks)
 
 
+def draw_distinct(
+    what: str, n: int, rng: random.Random, draw: Callable[[random.Random], tuple[str, Any]], exclude: set[str], hint: str
+) -> list[Any]:
+    """``n`` rows from ``draw(rng) -> (prompt key, row)`` with distinct keys not in ``exclude``.
+
+    Raises ``ValueError`` naming ``what`` (and ``hint``, the fix) when ``200 n + 1000`` draws do not
+    give ``n`` distinct prompts. Shared by the demo's suites.
+    """
+    seen: set[str] = set()
+    rows: list[Any] = []
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 200 * n + 1000:
+            raise ValueError(f"{what}: could not draw {n} distinct prompts (only {len(rows)}); {hint}")
+        key, row = draw(rng)
+        if key in seen or key in exclude:
+            continue
+        seen.add(key)
+        rows.append(row)
+    return rows
+
+
 def build_rows(n_per_task: int, seed: int, config: SuiteConfig | None = None, exclude: set[str] | None = None) -> list[dict[str, str]]:
     """``n_per_task`` distinct rows per task (prompts not in ``exclude``), tasks interleaved.
 
@@ -194,25 +217,15 @@ def build_rows(n_per_task: int, seed: int, config: SuiteConfig | None = None, ex
     if n_per_task < 1:
         raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
     exclude = exclude or set()
-    per_task: list[list[dict[str, str]]] = []
+    per_task = []
     for t_index, task in enumerate(cfg.tasks):
         rng = random.Random(f"{seed}/{task}/{t_index}")
-        seen: set[str] = set()
-        rows: list[dict[str, str]] = []
-        attempts = 0
-        while len(rows) < n_per_task:
-            attempts += 1
-            if attempts > 200 * n_per_task + 1000:
-                raise ValueError(
-                    f"task {task!r}: could not draw {n_per_task} distinct prompts (only {len(rows)}); "
-                    "ask for fewer rows or enlarge the task in SuiteConfig"
-                )
+
+        def draw(rng: random.Random, task: str = task) -> tuple[str, dict[str, str]]:
             row = make_example(task, rng, cfg)
-            if row["prompt"] in seen or row["prompt"] in exclude:
-                continue
-            seen.add(row["prompt"])
-            rows.append(row)
-        per_task.append(rows)
+            return row["prompt"], row
+
+        per_task.append(draw_distinct(f"task {task!r}", n_per_task, rng, draw, exclude, "ask for fewer rows or enlarge the task in SuiteConfig"))
     out = [rows[i] for i in range(n_per_task) for rows in per_task]
     random.Random(f"{seed}/order").shuffle(out)
     return out
