@@ -36,7 +36,6 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,6 @@ __all__ = [
     "cache_dir",
     "convert_checkpoint",
     "load_model",
-    "Smollm2Suite",
     "build_splits",
     "reward_functions",
     "score",
