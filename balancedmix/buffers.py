@@ -161,6 +161,20 @@ class FlatBuffers(RowTable):
             written[param_index] = True
         self.used.add(row)
 
+    def view(self, row: int, param_index: int) -> torch.Tensor:
+        """``row``'s slice of one parameter, shaped like it (valid until the next row allocation)."""
+        return self._views[row][param_index]
+
+    def written(self, row: int, param_index: int) -> bool:
+        """Whether ``row`` received a gradient of the parameter in the current step."""
+        return self._written[row][param_index]
+
+    def store(self, row: int, param_index: int, grad: torch.Tensor) -> None:
+        """Set ``row``'s slice of the parameter to ``grad`` (already the row's running sum), marked written."""
+        self._views[row][param_index].copy_(grad)
+        self._written[row][param_index] = True
+        self.used.add(row)
+
     def finish(self) -> list[int]:
         """Zero the slices that used rows did not receive this step; return the used rows, sorted."""
         rows = sorted(self.used)

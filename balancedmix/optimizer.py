@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from . import stats
+from .direct import DirectCapture
 from .storage import GradientStorage, make_storage
 from .distributed import SyncResult, SyncStrategy
 from .distributed import detect as detect_distributed
@@ -249,6 +250,14 @@ class BalancedOptimizer(torch.optim.Optimizer):
             coefficients, computed from the subset, then scale the *whole* model's gradients one
             step late through the hooks, as in sketch mode (the other parameters' gradients
             are not kept, so they cannot be corrected at ``step()``). Not under FSDP2.
+        capture: ``"hooks"`` (default): ``p.grad`` accumulates the plain total and the hooks copy
+            each gradient into its task's row (``sum`` is bit-identical to the plain optimizer).
+            ``"direct"``: ``p.grad`` *is* the active task's row during its backward, so autograd
+            accumulates straight into the row (no copy) and ``step()`` writes ``Σ_t c_t G_t`` into
+            ``p.grad``; cheaper at short micro-batches, but single process only, ``p.grad`` unusable
+            between the backward and ``step()`` (no clipping, no GradScaler), float32/float64
+            parameters, and ``sum`` equal to the plain optimizer only up to float32 rounding
+            (see ``balancedmix/direct.py`` and "Capture modes" in ``docs/diagnostics.md``).
         **method_options: passed to the registered method's factory.
     """
 
@@ -266,6 +275,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         sync: str = "auto",
         sketch_dim: int | None = None,
         measure: Iterable[torch.Tensor] | None = None,
+        capture: str = "hooks",
         **method_options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -274,6 +284,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
             raise TypeError("optimizer is already a BalancedOptimizer")
         if estimator not in ("raw", "split"):
             raise ValueError(f"estimator must be 'raw' or 'split', got {estimator!r}")
+        if capture not in ("hooks", "direct"):
+            raise ValueError(f"capture must be 'hooks' or 'direct', got {capture!r}")
         if nonfinite not in ("error", "skip_task", "skip_step"):
             raise ValueError(f"nonfinite must be 'error', 'skip_task' or 'skip_step', got {nonfinite!r}")
         if sketch_dim is not None and (
@@ -294,6 +306,13 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 f"LBFGS re-evaluates the closure within a step, and {what} applies the previous step's coefficients in "
                 "the gradient hooks while a step computes the next ones: use exact mode over all parameters with LBFGS"
             )
+        if capture == "direct" and lagged:
+            raise ValueError(
+                f"capture='direct' accumulates gradients into exact task rows over every parameter; {what} keeps no such "
+                "rows: use capture='hooks'"
+            )
+        if capture == "direct" and isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("capture='direct' does not support LBFGS (closure re-evaluations): use capture='hooks'")
         _check_supported(optimizer)
         mismatch_tol = _check_mismatch_tol(mismatch_tol)
         seed = _check_seed(seed)
@@ -343,6 +362,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._grad_left: float | None = None  # ‖p.grad‖ left by the last step (until zero_grad())
         self._warned_untagged = False
         self._lagged_what = what if lagged else None  # refusals checked by _install() for the detected engine
+        self.capture = capture
+        self._direct: DirectCapture | None = None  # capture="direct": p.grad is the active row (see direct.py)
         self.buffers: GradientStorage
         self._weakself = weakref.ref(self)
         weakref.finalize(self, _remove_handles, self._hooks)
@@ -527,6 +548,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 "a measured parameter subset (measure=) is not supported under FSDP2 (its task blocks capture every "
                 "parameter's gradient shard): measure all parameters, exactly or with sketch_dim"
             )
+        if self.capture == "direct":
+            self._check_direct(unique, dist)
         # a live wrapper already hooking one of these parameters is replaced (its hooks removed)
         for old in {id(o): o for p in unique if (o := _owner_of(p)) is not None and o is not self}.values():
             if old._replaced_by is None:
@@ -562,6 +585,26 @@ class BalancedOptimizer(torch.optim.Optimizer):
         if old is not None and old.kind == self.buffers.kind:  # keep the lagged coefficients across a re-installation
             self.buffers.load_state_dict(old.state_dict())
         dist.setup(self.buffers, len(self.registry), self.registry.declared, self.estimator)
+        self._direct = DirectCapture(unique) if self.capture == "direct" else None
+
+    def _check_direct(self, params: Sequence[torch.Tensor], dist: SyncStrategy) -> None:
+        """Refuse ``capture="direct"`` where ``p.grad`` cannot be the task row (before anything is hooked)."""
+        if dist.kind != "single":
+            from .distributed import UnsupportedDistributedError
+
+            raise UnsupportedDistributedError(
+                f"capture='direct' is single-process only (detected {dist.kind}): DDP's reducer, FSDP2 and DeepSpeed "
+                "read or own p.grad during the backward, where this mode points it at a task's buffer row. Use "
+                "capture='hooks' (the default)"
+            )
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        odd = sorted({str(p.dtype).replace("torch.", "") for p in params if p.dtype != dtype})
+        if odd:
+            raise ValueError(
+                f"capture='direct' makes p.grad a view of the {str(dtype).replace('torch.', '')} task buffers, so every "
+                f"parameter must be {str(dtype).replace('torch.', '')}; got {', '.join(odd)} parameters. Use "
+                "capture='hooks' (which sums bf16/fp16 gradients into float32 rows)"
+            )
 
     def _detach(self, reason: str) -> None:
         self.remove_hooks()
@@ -590,6 +633,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         and no post-accumulate hook: :meth:`_check_hookable` refuses them first.
         """
         ref = weakref.ref(p)  # the hook lives on p: a strong reference would be a cycle through the wrapper
+        if self.capture == "direct":
+            return self._make_direct_hooks(ref, index)
 
         def park(grad: torch.Tensor) -> torch.Tensor | None:
             param = ref()
@@ -609,6 +654,42 @@ class BalancedOptimizer(torch.optim.Optimizer):
             grad = param.grad if pending[1] is None else pending[1]
             if grad is not None:
                 self._capture(index, grad)
+
+        return park, capture
+
+    def _make_direct_hooks(
+        self, ref: weakref.ref, index: int
+    ) -> tuple[Callable[[torch.Tensor], None], Callable[[torch.Tensor], None]]:
+        """``capture="direct"``: the tensor hook points ``p.grad`` at the active row's slice (``None``
+        on the row's first gradient of the step) so that autograd accumulates into the row; the
+        post-accumulate hook copies a gradient that was not accumulated in place and puts the
+        placeholder back (``balancedmix/direct.py``)."""
+
+        def park(grad: torch.Tensor) -> None:
+            param = ref()
+            direct = self._direct
+            if param is None or direct is None:
+                return None
+            buf = self.buffers
+            row = self._active_row
+            if row is None:
+                row = buf.row(_UNTAGGED)  # sorts last: allocating it moves no task row
+            self._parked = (index, row)
+            direct.park(index, param, buf.view(row, index), buf.written(row, index))
+            return None
+
+        def capture(param: torch.Tensor) -> None:
+            pending, self._parked = self._parked, None
+            direct = self._direct
+            if pending is None or pending[0] != index or direct is None:  # pragma: no cover - back to back
+                logger.warning("gradient of parameter %d accumulated without its tensor hook; not captured", index)
+                return
+            buf = self.buffers
+            row = pending[1]
+            grad = direct.capture(index, param, buf.view(row, index))
+            if grad is not None:
+                with torch.no_grad():
+                    buf.store(row, index, grad.detach())
 
         return park, capture
 
@@ -749,6 +830,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the parameters' gradients (inner optimizer) and drop the captured task gradients."""
+        if self._direct is not None:
+            self._direct.clear(self._params)  # placeholders hold no data: None, whatever set_to_none says
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._grad_left = None
         self._reset()
@@ -761,6 +844,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._parked = None
         self._amp_token = None
         self._amp_scale = None
+        if self._direct is not None:
+            self._direct.reset()
 
     # ------------------------------------------------------------------ torch.amp.GradScaler
     def set_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
@@ -792,6 +877,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"set_grad_scaler needs a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        if scaler is not None and self.capture == "direct":
+            raise ValueError(
+                "capture='direct' does not support a GradScaler (it unscales p.grad, which holds no gradient before "
+                "step() in this mode): use capture='hooks'"
+            )
         self._grad_scaler = scaler
         self._amp_token = None
 
@@ -1015,6 +1105,15 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self.synchronize()
         assert self._synced is not None
         rows = self._synced.rows
+        direct = self._direct
+        if direct is not None:
+            problem = direct.check(self._params)
+            if problem is not None:
+                direct.clear(self._params)
+                raise GradientMismatchError(
+                    f"capture='direct': {problem}. Parameters and optimizer state were not updated; call zero_grad() "
+                    "after every step() and do not clear or assign p.grad in the middle of a step."
+                )
         if not rows:
             self._diagnostics = {"step": float(self.num_steps), "buffer_bytes": float(buf.nbytes)}
             if any(self._params[i].grad is not None for i in self._measured) and self.method_name != "sum":
@@ -1032,7 +1131,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 )
             return True
         n = len(buf.keys)
-        row_gram, grad_dots, grad_sq = self._row_stats()
+        # capture="direct": p.grad is written from the rows below, there is no plain total to check
+        row_gram, grad_dots, grad_sq = self._row_stats(with_grads=direct is None)
         applied = buf.applied()  # coefficient each row carries in p.grad now (lagged: the previous step's)
         row_gram = row_gram.cpu()
         grad_dots = grad_dots.cpu()
@@ -1075,7 +1175,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
             total_dot = float((agg.T @ a_ext) @ grad_dots)
 
         # ---- p.grad = s · total? (uniform rescale: clipping or AMP unscale)
-        if total_sq > 0:
+        if direct is not None:
+            scale = 1.0  # nothing can rescale p.grad before step() in this mode (its placeholder refuses)
+        elif total_sq > 0:
             scale = total_dot / total_sq
             cos2 = (total_dot * total_dot) / (total_sq * grad_sq_f) if grad_sq_f > 0 else 0.0
             if 1.0 - cos2 > self.mismatch_tol:
@@ -1094,7 +1196,12 @@ class BalancedOptimizer(torch.optim.Optimizer):
             row_coef[members] = float(coef[t_i])
         # exact: p.grad rewritten now; sketch: coef kept for the next step's hooks. Either way the
         # coefficients of this step's update come back (what update shares and norms describe).
-        in_update = buf.combine(row_coef, scale * self._unit, self._local_grads())
+        if direct is not None:  # p.grad = Σ_r c_r B_r over this step's rows (the others hold stale data), written now
+            weights = torch.zeros(n, dtype=torch.float64)
+            weights[rows] = row_coef[rows]
+            in_update = buf.combine(weights, 1.0, direct.materialize(self._params), rebuild=True)
+        else:
+            in_update = buf.combine(row_coef, scale * self._unit, self._local_grads())
         update_ext = torch.tensor([float(in_update[g[0]]) for g in groups], dtype=torch.float64)
 
         self._diagnostics = self._compute_diagnostics(
@@ -1219,6 +1326,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
             self._diagnostics[f"nonfinite/{name}"] = 1.0
         if self.nonfinite == "error":
             buf.zero_rows(bad_rows)
+            if self._direct is not None:
+                self._direct.clear(self._params)
             raise NonFiniteGradientError(
                 f"NaN/Inf gradient in task(s) {bad} at step {self.num_steps}; parameters and optimizer state were not "
                 "changed. Call zero_grad() and continue, or use nonfinite='skip_task' / 'skip_step'.",
@@ -1252,7 +1361,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         weights = torch.zeros(n, dtype=torch.float64)
         for gi, members in enumerate(groups):
             weights[members] = float(coef_ext[gi])
-        buf.combine(weights, self._unit, self._local_grads(), rebuild=True)
+        grads = self._direct.materialize(self._params) if self._direct is not None else self._local_grads()
+        buf.combine(weights, self._unit, grads, rebuild=True)
         diag = self._compute_diagnostics(
             good_names,
             good_ids,
