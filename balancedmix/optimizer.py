@@ -1131,8 +1131,13 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 )
             return True
         n = len(buf.keys)
-        # capture="direct": p.grad is written from the rows below, there is no plain total to check
-        row_gram, grad_dots, grad_sq = self._row_stats(with_grads=direct is None)
+        if direct is None:
+            row_gram, grad_dots, grad_sq = self._row_stats()
+        else:  # p.grad = Σ_r B_r over this step's rows (the others hold stale data), written with the Gram's pass
+            used = torch.zeros(n, dtype=torch.float64)
+            used[rows] = 1.0
+            row_gram = buf.gram_and_sum(used, direct.materialize(self._params))
+            grad_dots, grad_sq = torch.zeros(n, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         applied = buf.applied()  # coefficient each row carries in p.grad now (lagged: the previous step's)
         row_gram = row_gram.cpu()
         grad_dots = grad_dots.cpu()
@@ -1196,12 +1201,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
             row_coef[members] = float(coef[t_i])
         # exact: p.grad rewritten now; sketch: coef kept for the next step's hooks. Either way the
         # coefficients of this step's update come back (what update shares and norms describe).
-        if direct is not None:  # p.grad = Σ_r c_r B_r over this step's rows (the others hold stale data), written now
-            weights = torch.zeros(n, dtype=torch.float64)
-            weights[rows] = row_coef[rows]
-            in_update = buf.combine(weights, 1.0, direct.materialize(self._params), rebuild=True)
-        else:
-            in_update = buf.combine(row_coef, scale * self._unit, self._local_grads())
+        # exact with capture="direct": p.grad holds Σ_r B_r since the Gram's pass, corrected like the hooks' total
+        in_update = buf.combine(row_coef, scale * self._unit, self._local_grads())
         update_ext = torch.tensor([float(in_update[g[0]]) for g in groups], dtype=torch.float64)
 
         self._diagnostics = self._compute_diagnostics(

@@ -150,6 +150,29 @@ class ExactStorage(FlatBuffers):
                     grad_sq += torch.dot(g, g).to(torch.float64)
         return row_gram, grad_dots, grad_sq
 
+    def gram_and_sum(self, weights: torch.Tensor, out: GradList) -> torch.Tensor:
+        """Gram of all rows ``[n, n]`` (float64, as :meth:`row_stats`) and ``out = Σ_r w_r B_r``, in one pass.
+
+        ``capture="direct"``: ``p.grad`` is written from the rows while each chunk's block is in
+        cache for its Gram product, instead of a second pass over the rows after it. ``out`` holds
+        one tensor per parameter (``None``: the parameter got no gradient, not written).
+        """
+        data = self.data
+        n = data.shape[0]
+        row_gram = torch.zeros(n, n, dtype=torch.float64, device=data.device)
+        w = weights.to(device=data.device, dtype=self.dtype)[None]  # [1, n]: w @ block as a [1, chunk] product
+        for i, grad in enumerate(out):
+            offset = self.offsets[i]
+            flat = grad.view(-1) if grad is not None and grad.is_contiguous() else None
+            for start, stop in self.chunks(i):
+                block = data[:, offset + start : offset + stop]
+                row_gram += (block @ block.T).to(torch.float64)
+                if flat is not None:
+                    torch.mm(w, block, out=flat[start:stop].unsqueeze(0))
+            if grad is not None and flat is None:
+                grad.copy_((w @ data[:, self.slice(i)]).view_as(grad))
+        return row_gram
+
     def combine(self, coef: torch.Tensor, scale: float, grads: GradList, rebuild: bool = False) -> torch.Tensor:
         """Write the update into ``grads`` (``p.grad``, rank-local) now; returns ``coef``.
 

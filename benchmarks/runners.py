@@ -129,15 +129,20 @@ def plain_runner(
 def balanced_runner(
     spec: ModelSpec, workload: Workload, k: int, method: str = "sum", estimator: str = "raw",
     device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, lr: float = 1e-4, inner: str = "adamw",
-    **method_options: Any,
+    capture: str = "hooks", **method_options: Any,
 ) -> Runner:
-    """``BalancedOptimizer(AdamW)`` with task-homogeneous micro-batches (one backward each)."""
+    """``BalancedOptimizer(AdamW)`` with task-homogeneous micro-batches (one backward each);
+    ``capture="direct"``: autograd accumulates into the task rows (``balancedmix/direct.py``)."""
     from balancedmix import BalancedOptimizer
 
     s = _Setup(spec, workload, k, device, dtype, seed)
     inner_opt = _inner(s.model, inner, lr)
-    opt = BalancedOptimizer(inner_opt, tasks=s.names, method=method, estimator=estimator, seed=seed, **method_options)
-    info: dict[str, Any] = {"impl": "balancedmix", "method": method, "estimator": estimator, "K": k, "P": s.numel}
+    opt = BalancedOptimizer(
+        inner_opt, tasks=s.names, method=method, estimator=estimator, seed=seed, capture=capture, **method_options
+    )
+    info: dict[str, Any] = {
+        "impl": "balancedmix", "method": method, "estimator": estimator, "capture": capture, "K": k, "P": s.numel
+    }
 
     def step() -> None:
         for ids, t in zip(s.mbs, s.mb_task):
@@ -151,7 +156,8 @@ def balanced_runner(
     def close() -> None:
         opt.remove_hooks()
 
-    r = Runner(f"balancedmix {method} ({estimator})", step, info, close)
+    label = estimator if capture == "hooks" else f"{estimator}, {capture}"
+    r = Runner(f"balancedmix {method} ({label})", step, info, close)
     r.optimizer = inner_opt  # type: ignore[attr-defined]
     r.balanced = opt  # type: ignore[attr-defined]
     return r
