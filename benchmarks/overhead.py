@@ -70,6 +70,8 @@ def run(
     are spent, with at least ``max(6, repeats)`` rounds. On CUDA they are timed one after
     another, ``repeats`` steps each, and the targets carry no interval.
     """
+    if dtype not in (torch.float32, torch.float64):
+        captures = tuple(c for c in captures if c != "direct")  # p.grad must be the rows' dtype: refused for bf16/fp16
     budget_s = budget_s if budget_s is not None else (3.0 if quick else 90.0)
     spec = spec or (QUICK_LLAMA if quick else TINY_LLAMA)
     workload = workload or (QUICK_WORKLOAD if quick else FULL_WORKLOAD)
