@@ -154,6 +154,7 @@ def test_zero_grad_set_to_none_false_keeps_working():
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\(\) with create_graph=True")
 def test_create_graph_backward_is_captured():
     ref, hooks, net, direct = pair("mean")
     for opt, model in ((hooks, ref), (direct, net)):
