@@ -16,7 +16,7 @@ What it gives up, and how each is made loud rather than silent:
   placeholder (:class:`DirectGradPlaceholder`) whose every tensor operation raises
   :class:`DirectCaptureError` — so ``clip_grad_norm_``, a GradScaler's ``unscale_``, a logged grad
   norm or a manual edit fail with a message naming this mode instead of reading or scaling a
-  wrong tensor. Clip with the inner optimizer's learning rate, or use ``capture="hooks"``.
+  wrong tensor. Where the loop clips (the HF Trainer, TRL), keep ``capture="hooks"``.
 - **``sum`` is not bit-identical to the plain optimizer**: ``p.grad`` is ``Σ_t B_t`` summed task
   by task, not the plain micro-batch order (equal up to float32 rounding).
 - **Single process only**: DDP's reducer, FSDP2 and DeepSpeed read or own ``p.grad`` during the

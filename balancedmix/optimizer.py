@@ -733,6 +733,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()  # in place: the finalizer holds this list
+        if self._direct is not None:  # capture="direct": no placeholder may outlive the hooks that manage it
+            self._direct.clear(self._params)
         for p in self._params:  # the parameters are free for another wrapper (no replacement warning)
             entry = _OWNERS.get(id(p))
             if entry is not None and entry[1]() is self:

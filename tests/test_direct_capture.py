@@ -254,3 +254,22 @@ def test_direct_state_dict_round_trip():
         o.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_removing_or_replacing_a_direct_wrapper_leaves_no_placeholder():
+    model = Net()
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), capture="direct")
+    with opt.task("a"):
+        model.loss("a", torch.randn(4, 5)).backward()
+    opt.remove_hooks()
+    assert not any(isinstance(p.grad, DirectGradPlaceholder) for p in model.parameters())
+    model.zero_grad()
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), capture="direct")
+    with opt.task("a"):
+        model.loss("a", torch.randn(4, 5)).backward()
+    hooks = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))  # replaces it mid-step
+    assert not any(isinstance(p.grad, DirectGradPlaceholder) for p in model.parameters())
+    model.zero_grad()
+    with hooks.task("b"):
+        model.loss("b", torch.randn(4, 5)).backward()
+    hooks.step()
