@@ -532,6 +532,7 @@ class DDPSync(_Collective):
                 "(or opt.backward({task: loss})). Parameters were not updated."
             )
         buffers.mark_complete(grows)
+        buffers.zero_unused()  # e.g. an untagged row left from an earlier step (the hook zeroed the others)
         comm = meta.numel() * meta.element_size() + self.overlap.bytes
         self.overlap.clear()
         self.last_mode = "overlap"

@@ -157,7 +157,10 @@ class DDPOverlap:
             rows = res.view(n_rows, n)
             for r in range(n_rows):
                 torch._foreach_copy_(targets[r], list(rows[r].split(numels)))
-            return rows.sum(0).to(out_dtype)
+            total = rows[0].clone() if n_rows else torch.zeros(n, dtype=res.dtype, device=res.device)
+            for r in range(1, n_rows):  # row by row: several times faster than rows.sum(0) on CPU
+                total.add_(rows[r])
+            return total.to(out_dtype)
 
         return dist.all_reduce(packed, group=self.group, async_op=True).get_future().then(done)
 
