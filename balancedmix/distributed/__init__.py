@@ -14,7 +14,7 @@
 
     1. a small float64 all-reduce of fixed length (error flags, per-row used flags and
        micro-batch counts, per-parameter "has a gradient" flags, a fingerprint of ``p.grad`` per
-       rank, a per-rank flag "``p.grad`` is my local total");
+       rank, a per-rank flag "``p.grad`` is my local total", two flags of the overlap hook);
     2. one in-place all-reduce of the float32 task buffer ``[R, P]`` (``R`` = every declared task,
        ×2 with the split estimator, + one row for untagged gradients, in registry order; rows a
        rank did not use are zeros), restricted to the span of rows used on *any* rank — a shape
@@ -27,6 +27,11 @@
     (``sync="buffers"``: every micro-step ran under ``no_sync``); ``sync="auto"`` tells the two
     apart from the fingerprints (identical ``p.grad`` on every rank means DDP synced it). In the
     ``buffers`` case the global total is written into ``p.grad`` from the reduced buffers.
+
+    Opt-in, :func:`balancedmix.distributed.ddp_overlap.attach` registers a DDP communication hook
+    that reduces the task rows' columns of each gradient bucket *instead of* ``p.grad``, inside
+    DDP's synced backward (overlapped, ``T·P`` floats instead of ``(T + 1)·P``); the step then runs
+    collective 1 only (see ``distributed/ddp_overlap.py``).
 
 ``fsdp2`` (:class:`FSDP2Sync`)
     ``torch.distributed.fsdp.fully_shard``: parameters and gradients are ``DTensor`` shards, and

@@ -76,7 +76,7 @@ class DDPOverlap:
         self.buckets: dict[int, int] = {}  # bucket index -> hook calls this step
         self.bytes = 0
         self._index: dict[int, int] = {}
-        self._index_for: int | None = None
+        self._index_for: list[torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- per-step state
     def _start(self, epoch: int) -> None:
@@ -112,9 +112,9 @@ class DDPOverlap:
             return dist.all_reduce(t, group=self.group, async_op=True).get_future().then(lambda f: f.value()[0])
         buffers = opt.buffers
         strategy = opt.distributed
-        if id(buffers) != self._index_for:  # parameters re-installed: rebuild the id -> index map
+        if opt._params is not self._index_for:  # parameters re-installed (a new list): rebuild the id -> index map
             self._index = {id(p): i for i, p in enumerate(opt._params)}
-            self._index_for = id(buffers)
+            self._index_for = opt._params
         self._start(buffers.epoch)
         strategy.overlap = self
         params = bucket.parameters()
