@@ -272,6 +272,9 @@ class SketchStorage(LaggedCoefficients, RowTable):
         if len(self.starts) != len(self.params):
             raise ValueError(f"starts has {len(self.starts)} entries for {len(self.params)} parameters")
         self._init_rows(dim, dtype, self.params, order)
+        # global blocks the local coordinates reach: the hash's draws are made for all of them at once
+        end = max((s + p.numel() for s, p in zip(self.starts, self.params)), default=0)
+        self._blocks = max(1, -(-end // dim))
         self.period = 0  # counts reset()s: the hash key of the current accumulation period
         self._key = self.sketcher.key(0)
         self._init_lag()  # lagged coefficient per row key (absent: 1)
@@ -287,6 +290,7 @@ class SketchStorage(LaggedCoefficients, RowTable):
         self.used = set()
         self.period += 1
         self._key = self.sketcher.key(self.period)
+        self.sketcher.draws(self._key, self._blocks)
 
     @property
     def key(self) -> int:
