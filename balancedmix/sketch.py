@@ -133,12 +133,15 @@ class _Draws:
         self.rot, self.sign = rot, sign
         self.rot_list: list[int] = rot.tolist()
         self.sign_list: list[float] = sign.tolist()
-        self._tau_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._on: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
-    def tau_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        t = self._tau_on.get((device, dtype))
+    def on(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``tau``, ``rot`` or ``sign`` on ``device`` (in ``dtype``), copied once per key."""
+        src = getattr(self, name)
+        dtype = dtype or src.dtype
+        t = self._on.get((name, device, dtype))
         if t is None:
-            t = self._tau_on[(device, dtype)] = self.tau.to(device=device, dtype=dtype)
+            t = self._on[(name, device, dtype)] = src.to(device=device, dtype=dtype)
         return t
 
 
@@ -232,7 +235,7 @@ class CountSketch:
         dim = self.dim
         first, last = start // dim, (start + n - 1) // dim
         draws = self.draws(key, last + 1)
-        tau = draws.tau_on(out.device, out.dtype)
+        tau = draws.on("tau", out.device, out.dtype)
         vectorised = self.vectorised if self.vectorised is not None else out.device.type != "cpu"
         pos, block = 0, first
         while pos < n:
@@ -271,11 +274,11 @@ class CountSketch:
         for lo in range(0, blocks.shape[0], per):
             hi = min(lo + per, blocks.shape[0])
             b0 = first + lo
-            rot = draws.rot[b0 : first + hi].to(out.device)
+            rot = draws.on("rot", out.device)[b0 : first + hi]
             src = torch.remainder(cols[None, :] - rot[:, None], dim)  # bucket h reads offset h − r_β
             rotated = blocks[lo:hi].gather(1, src)
             rotated.mul_(windows[b0 : first + hi])
-            sign = draws.sign[b0 : first + hi].to(device=out.device, dtype=out.dtype)
+            sign = draws.on("sign", out.device, out.dtype)[b0 : first + hi]
             out.addmv_(rotated.T, sign, alpha=scale)
 
     def sketch(self, values: torch.Tensor, start: int = 0, key: int | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
