@@ -132,6 +132,10 @@ class FlatBuffers(RowTable):
         self._init_rows(self.numel, dtype, self.params, order)
         self._views: list[list[torch.Tensor]] = []
         self._written: list[list[bool]] = []
+        #: gradients added per parameter this step, and a counter of steps (``reset`` calls): the
+        #: DDP overlap hook (``distributed/ddp_overlap.py``) tells late captures and stale state by them
+        self.param_adds = [0] * len(self.params)
+        self.epoch = 0
 
     def _moved(self, remap: list[int]) -> None:
         written: list[list[bool]] = [[False] * len(self.params) for _ in self.keys]
@@ -154,6 +158,7 @@ class FlatBuffers(RowTable):
             )
         view = self._views[row][param_index]
         written = self._written[row]
+        self.param_adds[param_index] += 1
         if written[param_index]:
             view.add_(grad)
         else:
@@ -188,10 +193,13 @@ class FlatBuffers(RowTable):
 
     def reset(self) -> None:
         """Start a new step: every row counts as empty (data is overwritten on first write)."""
-        for r in self.used:
-            self._written[r] = [False] * len(self.params)
+        for r, written in enumerate(self._written):  # every row: the DDP overlap hook marks rows this rank did not use
+            if r in self.used or any(written):
+                self._written[r] = [False] * len(self.params)
         self.dirty |= self.used
         self.used = set()
+        self.param_adds = [0] * len(self.params)
+        self.epoch += 1
 
     def mark_complete(self, rows: Sequence[int]) -> None:
         """The data of ``rows`` was filled from outside (a collective): count them as fully written, used this step."""

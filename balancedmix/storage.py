@@ -131,22 +131,32 @@ class ExactStorage(FlatBuffers):
         rank-local gradients, one per parameter (``None``: no gradient), or ``None`` to skip the
         dots. Local shards only (FSDP2 sums these products across ranks afterwards, so ``reduce``
         is not used: ``additive_stats``). Float64 tensors on the buffers' device.
+
+        Only the span of the rows used this step is read (the entries of other rows are left 0
+        and never consulted): under DDP every declared row exists, and the untagged row or an
+        absent task at the ends would otherwise cost a full pass each.
         """
         data = self.data
         n = data.shape[0]
         row_gram = torch.zeros(n, n, dtype=torch.float64, device=data.device)
         grad_dots = torch.zeros(n, dtype=torch.float64, device=data.device)
         grad_sq = torch.zeros((), dtype=torch.float64, device=data.device)
+        used = sorted(self.used)
+        lo, hi = (used[0], used[-1] + 1) if used else (0, 0)
+        gram_span = row_gram[lo:hi, lo:hi]
+        dots_span = grad_dots[lo:hi]
         for i in range(len(self.params)):
             offset = self.offsets[i]
             grad = grads[i] if grads is not None else None
             grad = grad.reshape(-1) if grad is not None else None
             for start, stop in self.chunks(i):
-                block = data[:, offset + start : offset + stop]
-                row_gram += (block @ block.T).to(torch.float64)
+                block = data[lo:hi, offset + start : offset + stop]
+                if hi > lo:
+                    gram_span += (block @ block.T).to(torch.float64)
                 if grad is not None:
                     g = grad[start:stop].to(self.dtype)
-                    grad_dots += (block @ g).to(torch.float64)
+                    if hi > lo:
+                        dots_span += (block @ g).to(torch.float64)
                     grad_sq += torch.dot(g, g).to(torch.float64)
         return row_gram, grad_dots, grad_sq
 
@@ -285,6 +295,9 @@ class SketchStorage(LaggedCoefficients, RowTable):
         if len(self.starts) != len(self.params):
             raise ValueError(f"starts has {len(self.starts)} entries for {len(self.params)} parameters")
         self._init_rows(dim, dtype, self.params, order)
+        # global blocks the local coordinates reach: the hash's draws are made for all of them at once
+        end = max((s + p.numel() for s, p in zip(self.starts, self.params)), default=0)
+        self._blocks = max(1, -(-end // dim))
         self.period = 0  # counts reset()s: the hash key of the current accumulation period
         self._key = self.sketcher.key(0)
         self._init_lag()  # lagged coefficient per row key (absent: 1)
@@ -300,6 +313,7 @@ class SketchStorage(LaggedCoefficients, RowTable):
         self.used = set()
         self.period += 1
         self._key = self.sketcher.key(self.period)
+        self.sketcher.draws(self._key, self._blocks)
 
     @property
     def key(self) -> int:

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 
-PAIRED_SUITES = ("overhead", "methods", "scaling", "ddp")  # ratios with intervals; take --budget
+PAIRED_SUITES = ("overhead", "methods", "scaling", "ddp", "sketch")  # ratios with intervals; take --budget
 
 
 def run_cpu_suite(name: str, quick: bool, repeats: int, budget_s: float | None = None) -> dict[str, Any]:
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="toy sizes, for a smoke run (seconds to minutes)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 5; quick 1)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of paired timing per group of compared configurations in the overhead, methods, scaling "
-                        "and ddp suites (default 90 per K, 90 per K, 120, 180; quick 3-5): rounds stop earlier once "
+                   help="seconds of paired timing per group of compared configurations in the overhead, methods, scaling, "
+                        "ddp and sketch suites (default 90 per K, 90 per K, 120, 180, 90 per workload; quick 3-5): rounds stop earlier once "
                         "every ratio's 95%% interval has a half-width <= 1%%")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CPU_SUITES)}")
     p.add_argument("--update-docs", action="store_true", help="copy the tables into docs/benchmarks.md")

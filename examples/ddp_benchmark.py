@@ -23,6 +23,10 @@ interval has a half-width ≤ ``--precision`` or ``--budget`` seconds are spent
   all-reduce plus balancedmix's buffer all-reduce.
 - ``buffers_sum`` / ``buffers_normalize``: every micro-step under ``no_sync``, ``sync="buffers"``:
   balancedmix's buffer all-reduce only.
+- ``overlap_sum`` / ``overlap_normalize``: the ``ddp_*`` loop with
+  ``balancedmix.distributed.ddp_overlap.attach(model, opt)``: DDP's bucketed all-reduce carries the
+  K task rows' columns (a communication hook) instead of ``p.grad``; no buffer all-reduce after
+  the backward.
   (DDP variants: each rank with a different task order; ratios against ``plain``.)
 - ``fsdp2_plain``: ``fully_shard`` on each linear layer and the root (``Shard(0)`` over the 2
   ranks), FSDP2's gradient sync at every micro-step (the mode balancedmix needs under FSDP2),
@@ -32,7 +36,7 @@ interval has a half-width ≤ ``--precision`` or ``--budget`` seconds are spent
 - ``fsdp2_sum`` / ``fsdp2_normalize``: ``BalancedOptimizer`` on the sharded parameters, the
   same task at each micro-step on every rank; task buffers of the local shard.
 
-Bytes are the payload handed to the gradient collectives per rank and step (DDP: P float32;
+Bytes are the payload handed to the gradient collectives per rank and step (DDP: P float32, none in the overlap variants, whose hook replaces it;
 FSDP2: a reduce-scatter of P float32 per synced micro-step; balancedmix: its ``comm_bytes``
 diagnostic; FSDP2's parameter all-gathers are the same with and without balancedmix and not
 counted), and each rank's task buffers (``buffer_bytes`` diagnostic, the largest rank's). A ring all-reduce moves about ``2 (w-1)/w`` times the payload
@@ -54,14 +58,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common (the paired-timing statistics)
 
-VARIANTS = ("plain", "ddp_sum", "ddp_normalize", "buffers_sum", "buffers_normalize",
+VARIANTS = ("plain", "ddp_sum", "ddp_normalize", "buffers_sum", "buffers_normalize", "overlap_sum", "overlap_normalize",
             "fsdp2_plain", "fsdp2_accum", "fsdp2_sum", "fsdp2_normalize")
 #: DeepSpeed ZeRO variants (``--variants``; the benchmark suite adds them when DeepSpeed and
 #: ``balancedmix.distributed.deepspeed`` are importable)
 ZERO_VARIANTS = ("zero2_plain", "zero2_sum", "zero2_normalize", "zero3_plain", "zero3_sum", "zero3_normalize")
 #: each variant's baseline: its ratio is taken against this variant's time in the same round
 BASELINE = {"plain": None, "ddp_sum": "plain", "ddp_normalize": "plain", "buffers_sum": "plain",
-            "buffers_normalize": "plain", "fsdp2_plain": None, "fsdp2_accum": "fsdp2_plain",
+            "buffers_normalize": "plain", "overlap_sum": "plain", "overlap_normalize": "plain", "fsdp2_plain": None, "fsdp2_accum": "fsdp2_plain",
             "fsdp2_sum": "fsdp2_plain", "fsdp2_normalize": "fsdp2_plain",
             "zero2_plain": None, "zero2_sum": "zero2_plain", "zero2_normalize": "zero2_plain",
             "zero3_plain": None, "zero3_sum": "zero3_plain", "zero3_normalize": "zero3_plain"}
@@ -125,8 +129,12 @@ class _Variant:
         method = variant.rsplit("_", 1)[-1]
         self.balanced = method not in ("plain", "accum")
         if self.balanced:
-            kw = {} if (self.fsdp or self.zero) else {"sync": variant.split("_")[0]}
+            kw = {} if (self.fsdp or self.zero) else {"sync": variant.split("_")[0].replace("overlap", "ddp")}
             self.opt: Any = BalancedOptimizer(inner, tasks=tasks, method=method, **kw)
+            if variant.startswith("overlap"):
+                from balancedmix.distributed import ddp_overlap
+
+                ddp_overlap.attach(self.module, self.opt)
         else:
             self.opt = inner
         if self.zero:
@@ -182,8 +190,8 @@ class _Variant:
             engine = p4 * (1 if self.variant == "fsdp2_accum" else self.micro)
         elif self.zero:  # ZeRO-2/3 reduce the gradients at every micro-step
             engine = p4 * self.micro
-        else:
-            engine = 0 if self.variant.startswith("buffers") else p4
+        else:  # overlap: DDP's all-reduce carries balancedmix's rows instead of p.grad (counted in comm_bytes)
+            engine = 0 if self.variant.startswith(("buffers", "overlap")) else p4
         local_max = torch.tensor([float(self.local_numel)], dtype=torch.float64)
         dist.all_reduce(local_max, op=dist.ReduceOp.MAX)
         row: dict[str, Any] = {

@@ -313,3 +313,38 @@ def render_suite_text(suite):
     from benchmarks.common import render_suite
 
     return render_suite("x", suite)
+
+
+def test_ddp_suite_targets_the_overlap_variant(monkeypatch):
+    """With ``overlap_sum`` measured, the issue-17 ratio target is taken on it, and its bytes are
+    compared with sync='ddp''s (DDP's all-reduce + the row all-reduce)."""
+    import benchmarks.ddp as ddp
+
+    ones = [1.0] * 8
+    result = {"world_size": 2, "micro_batches": 4, "tasks": 2, "steps": 8, "stop": "budget", "budget_s": 5.0, "precision": 0.01,
+              "rows": [
+                  _fake_row("plain", "ddp", None, ones),
+                  _fake_row("ddp_sum", "ddp", "plain", [1.6] * 8, buf=3 * 1000 * 4, comm=8000),
+                  _fake_row("overlap_sum", "ddp", "plain", [1.10 + 0.001 * i for i in range(8)], buf=3 * 1000 * 4, comm=8000,
+                            engine_bytes=0),
+              ]}
+
+    class Script:
+        VARIANTS = ("plain", "ddp_sum", "overlap_sum")
+        ZERO_VARIANTS = ()
+
+        @staticmethod
+        def zero_unavailable():
+            return "deepspeed is not installed"
+
+        @staticmethod
+        def launch(**kw):
+            return result
+
+    monkeypatch.setattr(ddp, "_load_script", lambda: Script)
+    targets = {x["name"]: x for x in ddp.run(quick=True, repeats=6)["targets"]}
+    ratio = next(x for name, x in targets.items() if "ddp_overlap step" in name)
+    assert ratio["verdict"] == "met"  # [1.10, 1.11] <= 1.15
+    assert not any("sync='ddp') step" in name for name in targets)
+    nbytes = next(x for name, x in targets.items() if "bytes per step" in name)
+    assert nbytes["met"] is True and nbytes["value"] == 8000 / 12000

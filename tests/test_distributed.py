@@ -213,7 +213,7 @@ def test_ddp_comm_bytes_and_buffer_layout() -> None:
     model = make_model()
     n_params = sum(p.numel() for p in model.parameters())
     rows = len(canonical_row_keys(len(TASKS), "raw"))  # a, b, c, untagged
-    meta = 1 + 2 * rows + len(list(model.parameters())) + 2 * WORLD + 1
+    meta = 1 + 2 * rows + len(list(model.parameters())) + 2 * WORLD + 1 + 2  # + the overlap hook's flags
     for res in results:
         d = res["diags"][-1]
         # the buffer collective covers the rows used on some rank: a, b, c (untagged unused)

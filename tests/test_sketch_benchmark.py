@@ -21,7 +21,8 @@ def test_sketch_suite_runs_and_its_errors_follow_the_formula():
     assert text.startswith("### sketch") and "sketch normalize" in text
     json.dumps(suite, default=str)
     acc = [r for r in suite["rows"] if "d" in r and "sqnorm_rel_rms" in r]
-    assert [r["d"] for r in acc] == [64, 256, 1024]
+    assert [r["d"] for r in acc] == [64, 256, 1024] * 2  # the Llama's gradients, then the demo GRPO run's
+    assert [r["source"] for r in acc][-1] == "demo GRPO" and "demo's GRPO gradients" in text
     for r in acc:
         assert math.isclose(r["sqnorm_rel_se_formula"], math.sqrt(2 / r["d"]))
         assert r["sqnorm_rel_rms"] < 3 * r["sqnorm_rel_se_formula"]  # 2 hashes × 4 tasks: loose

@@ -14,7 +14,7 @@
 
     1. a small float64 all-reduce of fixed length (error flags, per-row used flags and
        micro-batch counts, per-parameter "has a gradient" flags, a fingerprint of ``p.grad`` per
-       rank, a per-rank flag "``p.grad`` is my local total");
+       rank, a per-rank flag "``p.grad`` is my local total", two flags of the overlap hook);
     2. one in-place all-reduce of the float32 task buffer ``[R, P]`` (``R`` = every declared task,
        ×2 with the split estimator, + one row for untagged gradients, in registry order; rows a
        rank did not use are zeros), restricted to the span of rows used on *any* rank — a shape
@@ -27,6 +27,11 @@
     (``sync="buffers"``: every micro-step ran under ``no_sync``); ``sync="auto"`` tells the two
     apart from the fingerprints (identical ``p.grad`` on every rank means DDP synced it). In the
     ``buffers`` case the global total is written into ``p.grad`` from the reduced buffers.
+
+    Opt-in, :func:`balancedmix.distributed.ddp_overlap.attach` registers a DDP communication hook
+    that reduces the task rows' columns of each gradient bucket *instead of* ``p.grad``, inside
+    DDP's synced backward (overlapped, ``T·P`` floats instead of ``(T + 1)·P``); the step then runs
+    collective 1 only (see ``distributed/ddp_overlap.py``).
 
 ``fsdp2`` (:class:`FSDP2Sync`)
     ``torch.distributed.fsdp.fully_shard``: parameters and gradients are ``DTensor`` shards, and
@@ -372,6 +377,8 @@ class DDPSync(_Collective):
     def __init__(self, rank: int, world_size: int, sync: str = "auto") -> None:
         super().__init__(rank, world_size)
         self.sync = sync
+        #: the communication hook of :func:`balancedmix.distributed.ddp_overlap.attach`, if any
+        self.overlap: Any = None
 
     def synchronize(
         self,
@@ -384,6 +391,12 @@ class DDPSync(_Collective):
     ) -> SyncResult:
         world = self.world_size
         data = buffers.data
+        # ---- did the overlap hook reduce the task rows inside DDP's backward? (DDP syncs on every
+        # rank alike, so "ran" is the same everywhere unless something is broken; agreed below)
+        ov_ran, ov_bad = self.overlap.state(buffers) if self.overlap is not None else (0.0, 0.0)
+        overlap_flags = torch.tensor([ov_ran, ov_bad], dtype=_FP64)
+        if ov_ran:
+            return self._synchronize_overlapped(params, buffers, rows, row_counts, overlap_flags)
         # ---- local facts about p.grad
         has_grad = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], dtype=_FP64)
         fingerprint = torch.zeros(2 * world, dtype=_FP64)
@@ -416,11 +429,12 @@ class DDPSync(_Collective):
         fingerprint[2 * self.rank] = float(gsum)
         fingerprint[2 * self.rank + 1] = float(gsq)
         header = self._meta_header(buffers, rows, row_counts)
-        meta = torch.cat(header + [has_grad, fingerprint, local_flag])
+        meta = torch.cat(header + [has_grad, fingerprint, local_flag, overlap_flags])
         meta = self._all_reduce_small(meta, buffers.device)
         n_rows = len(self._keys)
         n_params = len(params)
         self._raise_collective_errors(float(meta[0]))
+        self._check_overlap(meta[-2:])
         used_g = meta[1 : 1 + n_rows]
         counts_g = meta[1 + n_rows : 1 + 2 * n_rows]
         o = 1 + 2 * n_rows
@@ -478,6 +492,56 @@ class DDPSync(_Collective):
         comm = meta.numel() * meta.element_size() + span.numel() * span.element_size()
         self.last_mode = mode
         return SyncResult(grows, gtask_counts, grow_counts, comm, mode)
+
+    def _check_overlap(self, flags: torch.Tensor) -> None:
+        """Raise on every rank if the overlap hook ran on some ranks only, or ran wrongly on any."""
+        ran, bad = float(flags[0]), float(flags[1])
+        if bad > 0 or 0 < ran < self.world_size:
+            raise DistributedStateError(
+                "ddp_overlap: the task rows were not reduced exactly once after the last gradient of the step "
+                f"({'a bucket was reduced twice or a gradient was captured after its bucket was reduced' if bad > 0 else 'the communication hook ran on some ranks only'}). "
+                "DDP must synchronise exactly one micro-step per optimizer step, the last: run the others under "
+                "model.no_sync() (accelerate: accumulate()), and run no backward after the synced one before step(). "
+                "Parameters were not updated."
+            )
+
+    def _synchronize_overlapped(
+        self,
+        params: Sequence[torch.Tensor],
+        buffers: FlatBuffers,
+        rows: list[int],
+        row_counts: dict[int, int],
+        overlap_flags: torch.Tensor,
+    ) -> SyncResult:
+        """The rows were reduced by the DDP communication hook: only agree on counts and errors.
+
+        The meta vector has the same length as the other path's (the fingerprints are left zero:
+        ``p.grad`` is the hook's sum of the reduced rows on every rank), so a rank on this path
+        and a rank on the other still run matching collectives, and both raise the disagreement.
+        """
+        n_params = len(params)
+        header = self._meta_header(buffers, rows, row_counts)
+        filler = torch.zeros(n_params + 2 * self.world_size + 1, dtype=_FP64)
+        meta = torch.cat(header + [filler, overlap_flags])
+        meta = self._all_reduce_small(meta, buffers.device)
+        n_rows = len(self._keys)
+        self._raise_collective_errors(float(meta[0]))
+        self._check_overlap(meta[-2:])
+        used_g = meta[1 : 1 + n_rows]
+        counts_g = meta[1 + n_rows : 1 + 2 * n_rows]
+        grows, gtask_counts, grow_counts = self._unpack_counts(used_g, counts_g)
+        if self._keys[-1] == UNTAGGED_KEY and (n_rows - 1) in grows:
+            raise DistributedStateError(
+                "ddp_overlap: a gradient was captured outside any opt.task() block (untagged) on at least one rank; "
+                "the overlapped reduction carries the task rows only. Run every backward inside opt.task(...) "
+                "(or opt.backward({task: loss})). Parameters were not updated."
+            )
+        buffers.mark_complete(grows)
+        buffers.zero_unused()  # e.g. an untagged row left from an earlier step (the hook zeroed the others)
+        comm = meta.numel() * meta.element_size() + self.overlap.bytes
+        self.overlap.clear()
+        self.last_mode = "overlap"
+        return SyncResult(grows, gtask_counts, grow_counts, comm, "overlap")
 
 
 class _ShardedStats(_Collective):
