@@ -161,26 +161,35 @@ class ExactStorage(FlatBuffers):
         return row_gram, grad_dots, grad_sq
 
     def gram_and_sum(self, weights: torch.Tensor, out: GradList) -> torch.Tensor:
-        """Gram of all rows ``[n, n]`` (float64, as :meth:`row_stats`) and ``out = Σ_r w_r B_r``, in one pass.
+        """Gram of the rows ``[n, n]`` (float64, as :meth:`row_stats`) and ``out = Σ_r w_r B_r``, in one pass.
 
         ``capture="direct"``: ``p.grad`` is written from the rows while each chunk's block is in
         cache for its Gram product, instead of a second pass over the rows after it. ``out`` holds
-        one tensor per parameter (``None``: the parameter got no gradient, not written).
+        one tensor per parameter (``None``: the parameter got no gradient, not written). As in
+        :meth:`row_stats`, only the span of the rows used this step is read (``weights`` must be 0
+        outside it; the Gram's other entries stay 0).
         """
         data = self.data
         n = data.shape[0]
         row_gram = torch.zeros(n, n, dtype=torch.float64, device=data.device)
-        w = weights.to(device=data.device, dtype=self.dtype)[None]  # [1, n]: w @ block as a [1, chunk] product
+        used = sorted(self.used)
+        lo, hi = (used[0], used[-1] + 1) if used else (0, 0)
+        gram_span = row_gram[lo:hi, lo:hi]
+        w = weights.to(device=data.device, dtype=self.dtype)[None, lo:hi]  # [1, span]: w @ block, a [1, chunk] product
         for i, grad in enumerate(out):
+            if grad is not None and hi == lo:
+                grad.zero_()
+                continue
             offset = self.offsets[i]
             flat = grad.view(-1) if grad is not None and grad.is_contiguous() else None
             for start, stop in self.chunks(i):
-                block = data[:, offset + start : offset + stop]
-                row_gram += (block @ block.T).to(torch.float64)
+                block = data[lo:hi, offset + start : offset + stop]
+                if hi > lo:
+                    gram_span += (block @ block.T).to(torch.float64)
                 if flat is not None:
                     torch.mm(w, block, out=flat[start:stop].unsqueeze(0))
             if grad is not None and flat is None:
-                grad.copy_((w @ data[:, self.slice(i)]).view_as(grad))
+                grad.copy_((w @ data[lo:hi, self.slice(i)]).view_as(grad))
         return row_gram
 
     def combine(self, coef: torch.Tensor, scale: float, grads: GradList, rebuild: bool = False) -> torch.Tensor:
