@@ -100,7 +100,7 @@ def capture_grpo_gradients(sft_steps: int = 200, grpo_steps: int = 2, seed: int 
     read from ``captured_gradients()`` just before the optimizer step."""
     import tempfile
 
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
 
     from balancedmix.demo.run import DemoConfig, _build, _equal_mixture, _grpo_args
     from balancedmix.demo.suite import sft_warm_start
@@ -128,6 +128,7 @@ def capture_grpo_gradients(sft_steps: int = 200, grpo_steps: int = 2, seed: int 
                 balanced=BalancedConfig(task_key="task", tasks=list(tasks), method="sum",
                                         schedule=_equal_mixture(tasks), write_jsonl=False),
             )
+            trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
             trainer.train()
     finally:
         torch.set_num_threads(threads)
