@@ -131,8 +131,7 @@ class _Draws:
         rot = torch.remainder((hi << 32) | _fmix32_range(blocks, sub[_ROT_LO]), dim)  # 63 random bits mod d
         sign = 1.0 - 2.0 * (_fmix32_range(blocks, sub[_SIGN]) >> 31).to(torch.float64)
         self.rot, self.sign = rot, sign
-        self.rot_list: list[int] = rot.tolist()
-        self.sign_list: list[float] = sign.tolist()
+        self._lists: tuple[list[int], list[float]] | None = None
         self._on: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
         self._plans: dict[tuple[int, int, int, torch.device, torch.dtype], _Plan] = {}
 
@@ -144,6 +143,21 @@ class _Draws:
         if plan is None:
             plan = self._plans[key] = _Plan(dim, start, n, self, self.on("tau", device, dtype))
         return plan
+
+    @property
+    def rot_list(self) -> list[int]:
+        """Rotations as Python ints (the CPU plan's piece arithmetic; made on first use)."""
+        return self._as_lists()[0]
+
+    @property
+    def sign_list(self) -> list[float]:
+        """Block signs as Python floats (made on first use)."""
+        return self._as_lists()[1]
+
+    def _as_lists(self) -> tuple[list[int], list[float]]:
+        if self._lists is None:
+            self._lists = (self.rot.tolist(), self.sign.tolist())
+        return self._lists
 
     def on(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``tau``, ``rot`` or ``sign`` on ``device`` (in ``dtype``), copied once per key."""
@@ -299,8 +313,8 @@ class CountSketch:
                    tau: torch.Tensor, scale: float) -> None:
         """``x`` (offsets ``off .. off+len-1`` of ``block``) rotated and signed into ``out``: two ``addcmul_``."""
         dim, m = self.dim, x.numel()
-        bucket = (off + draws.rot_list[block]) % dim
-        value = draws.sign_list[block] * scale
+        bucket = (off + int(draws.rot[block])) % dim  # a block's partial piece (the batched path): no lists
+        value = float(draws.sign[block]) * scale
         head = min(m, dim - bucket)  # buckets bucket .. dim-1, then the rest wraps to 0 ..
         out[bucket : bucket + head].addcmul_(x[:head], tau[bucket + block : bucket + block + head], value=value)
         if m > head:
