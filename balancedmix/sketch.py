@@ -121,7 +121,7 @@ _TAU, _ROT_HI, _ROT_LO, _SIGN = range(4)
 
 class _Draws:
     """The random draws of one key for blocks ``0 .. blocks-1``: ``τ`` (length ``d + blocks``),
-    rotations ``r_β`` and block signs ``σ_β`` (Python lists for the loop, tensors for the vectorised path)."""
+    rotations ``r_β`` and block signs ``σ_β``, and the piece plans made from them."""
 
     def __init__(self, dim: int, key: int, blocks: int) -> None:
         sub = [mix64(key, s) for s in range(4)]
@@ -131,7 +131,6 @@ class _Draws:
         rot = torch.remainder((hi << 32) | _fmix32_range(blocks, sub[_ROT_LO]), dim)  # 63 random bits mod d
         sign = 1.0 - 2.0 * (_fmix32_range(blocks, sub[_SIGN]) >> 31).to(torch.float64)
         self.rot, self.sign = rot, sign
-        self._lists: tuple[list[int], list[float]] | None = None
         self._on: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
         self._plans: dict[tuple[int, int, int, torch.device, torch.dtype], _Plan] = {}
 
@@ -143,21 +142,6 @@ class _Draws:
         if plan is None:
             plan = self._plans[key] = _Plan(dim, start, n, self, self.on("tau", device, dtype))
         return plan
-
-    @property
-    def rot_list(self) -> list[int]:
-        """Rotations as Python ints (the CPU plan's piece arithmetic; made on first use)."""
-        return self._as_lists()[0]
-
-    @property
-    def sign_list(self) -> list[float]:
-        """Block signs as Python floats (made on first use)."""
-        return self._as_lists()[1]
-
-    def _as_lists(self) -> tuple[list[int], list[float]]:
-        if self._lists is None:
-            self._lists = (self.rot.tolist(), self.sign.tolist())
-        return self._lists
 
     def on(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``tau``, ``rot`` or ``sign`` on ``device`` (in ``dtype``), copied once per key."""
@@ -173,7 +157,8 @@ class _Plan:
     """How coordinates ``start .. start+n-1`` enter the sketch under one key: contiguous segments
     (a block's piece, cut once where its rotation wraps) with their bucket range, ``τ`` window and
     block sign, for one fused ``torch._foreach_addcmul_`` per call instead of a Python loop of
-    ``addcmul_`` (the CPU path; ~3 segments per parameter, ~250 per micro-batch for a 10M model)."""
+    ``addcmul_`` (the CPU path: ~3 segments per parameter, ~250 per micro-batch for a 10M model;
+    the batched path: the partial blocks at a range's ends). Built once per range and key."""
 
     def __init__(self, dim: int, start: int, n: int, draws: _Draws, tau: torch.Tensor) -> None:
         self.sizes: list[int] = []
@@ -184,14 +169,15 @@ class _Plan:
         while pos < n:
             off = (start + pos) - block * dim
             m = min(n - pos, dim - off)
-            bucket = (off + draws.rot_list[block]) % dim
+            bucket = (off + int(draws.rot[block])) % dim
+            sign = float(draws.sign[block])
             head = min(m, dim - bucket)  # buckets bucket .. dim-1, then the rest wraps to 0 ..
             for lo, size in ((bucket, head), (0, m - head)):
                 if size:
                     self.sizes.append(size)
                     self.bounds.append((lo, lo + size))
                     self.taus.append(tau[lo + block : lo + block + size])
-                    self.values.append(draws.sign_list[block])
+                    self.values.append(sign)
             pos += m
             block += 1
 
@@ -290,35 +276,28 @@ class CountSketch:
         tau = draws.on("tau", out.device, out.dtype)
         vectorised = self.vectorised if self.vectorised is not None else out.device.type != "cpu"
         if not vectorised:
-            plan = draws.plan(dim, start, n, out.device, out.dtype)
-            values = plan.values if scale == 1.0 else [v * scale for v in plan.values]
-            torch._foreach_addcmul_([out[lo:hi] for lo, hi in plan.bounds], flat.split(plan.sizes), plan.taus, values)
+            self._add_planned(out, flat, start, draws, scale)
             return out
         pos, block = 0, first
         while pos < n:
             off = (start + pos) - block * dim
-            if vectorised and off == 0 and n - pos >= 2 * dim:
+            if off == 0 and n - pos >= 2 * dim:
                 full = (n - pos) // dim
                 self._add_blocks(out, flat[pos : pos + full * dim].view(full, dim), block, draws, tau, scale)
                 pos += full * dim
                 block += full
                 continue
             m = min(n - pos, dim - off)
-            self._add_piece(out, flat[pos : pos + m], off, block, draws, tau, scale)
+            self._add_planned(out, flat[pos : pos + m], start + pos, draws, scale)
             pos += m
             block += 1
         return out
 
-    def _add_piece(self, out: torch.Tensor, x: torch.Tensor, off: int, block: int, draws: _Draws,
-                   tau: torch.Tensor, scale: float) -> None:
-        """``x`` (offsets ``off .. off+len-1`` of ``block``) rotated and signed into ``out``: two ``addcmul_``."""
-        dim, m = self.dim, x.numel()
-        bucket = (off + int(draws.rot[block])) % dim  # a block's partial piece (the batched path): no lists
-        value = float(draws.sign[block]) * scale
-        head = min(m, dim - bucket)  # buckets bucket .. dim-1, then the rest wraps to 0 ..
-        out[bucket : bucket + head].addcmul_(x[:head], tau[bucket + block : bucket + block + head], value=value)
-        if m > head:
-            out[: m - head].addcmul_(x[head:], tau[block : block + m - head], value=value)
+    def _add_planned(self, out: torch.Tensor, flat: torch.Tensor, start: int, draws: _Draws, scale: float) -> None:
+        """``flat`` (coordinates ``start ..``) rotated and signed into ``out`` by its cached :class:`_Plan`."""
+        plan = draws.plan(self.dim, start, flat.numel(), out.device, out.dtype)
+        values = plan.values if scale == 1.0 else [v * scale for v in plan.values]
+        torch._foreach_addcmul_([out[lo:hi] for lo, hi in plan.bounds], flat.split(plan.sizes), plan.taus, values)
 
     def _add_blocks(self, out: torch.Tensor, blocks: torch.Tensor, first: int, draws: _Draws,
                     tau: torch.Tensor, scale: float) -> None:
