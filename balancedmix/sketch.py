@@ -8,21 +8,25 @@ products are estimated without bias.
 The hash (**rotated blocks**). Coordinates fall in global blocks of ``d`` consecutive
 coordinates: ``j = β·d + o`` (block ``β``, offset ``o ∈ [0, d)``). Each step's key draws, per
 block, a rotation ``r_β ∈ [0, d)`` and a sign ``σ_β = ±1``, and one sign table ``τ`` (iid ±1,
-length ``d + #blocks``); then
+length ``2d + m·#blocks``); with ``q = o + r_β ∈ [0, 2d)`` (the unwrapped rotated position)
 
-    h(j) = (o + r_β) mod d          s(j) = σ_β · τ[h(j) + β]
+    h(j) = q mod d          s(j) = σ_β · τ[q + m·β]
 
-so a block is added into the sketch as one rotated copy, multiplied elementwise by a window of
-``τ``: two contiguous ``addcmul_`` calls per block, no per-coordinate hash, no scatter (about
-0.4 ns per coordinate on one CPU core, 6–10× faster than hashing every coordinate).
+where ``m`` is the smallest integer ``≥ 2`` that does not divide ``d`` (3 for a power of two).
+A block is therefore added as *one* contiguous ``addcmul_``: its ``d`` values, times a window of
+``τ``, into positions ``r_β .. r_β + d`` of a ``2d`` scratch vector, which is folded once into the
+sketch (``out += w[:d] + w[d:]``) when the row is read. No per-coordinate hash, no scatter, no
+wrap inside a block (about 0.2 ns per coordinate on a CPU, 10× faster than hashing every
+coordinate).
 
 Its moments (over the key; proved in ``docs/diagnostics.md``, tested in ``tests/test_sketch.py``):
 
 - two coordinates of one block never collide; two of different blocks collide with probability
   exactly ``1/d``, and the product of their signs has mean 0 (``σ``), so ``E ⟨S a, S b⟩ = ⟨a, b⟩``;
-- the window ``τ[h + β]`` differs between any two blocks, which makes the signs of two colliding
-  pairs in the same two blocks independent, so the variance is the CountSketch one *without* the
-  pairs inside a block:
+- two colliding coordinates never read the same ``τ`` entry, and two colliding pairs of the same
+  two blocks never read the same two entries (both would need ``m`` to divide ``d``), which makes
+  their sign products orthogonal, so the variance is the CountSketch one *without* the pairs
+  inside a block:
 
       Var ⟨S a, S b⟩ = (‖a‖²‖b‖² + ⟨a,b⟩² − Σ_β (‖a_β‖²‖b_β‖² + ⟨a_β,b_β⟩²)) / d
       Cov(⟨S a, S b⟩, ⟨S c, S e⟩) = (⟨a,c⟩⟨b,e⟩ + ⟨a,e⟩⟨b,c⟩ − Σ_β (⟨a_β,c_β⟩⟨b_β,e_β⟩ + ⟨a_β,e_β⟩⟨b_β,c_β⟩)) / d
@@ -40,8 +44,8 @@ Consequences of hashing by the global index:
   how the parameters are split into shards, chunks or ranks: an FSDP2 shard sketches its own
   slice with the same ``h, s`` as a single process would, and the sketches add up exactly
   (up to float summation order);
-- nothing of size ``P`` is stored: ``τ`` and the per-block draws have ``d + P/d`` entries (the
-  key's draws are cached until the key changes);
+- nothing of size ``P`` is stored: ``τ`` and the per-block draws have ``2d + (m + 2)·P/d``
+  entries (the key's draws are cached until the key changes);
 - the key is re-drawn every step (``key = mix64(seed, step)``), so the errors of different steps
   are independent and average out over a run instead of repeating a fixed bias of one hash.
 
@@ -60,6 +64,7 @@ import torch
 __all__ = [
     "CountSketch",
     "CHUNK",
+    "tau_stride",
     "mix64",
     "shard_offset",
     "global_starts",
@@ -119,14 +124,33 @@ def _fmix32_range(n: int, subkey: int) -> torch.Tensor:
 _TAU, _ROT_HI, _ROT_LO, _SIGN = range(4)
 
 
+def tau_stride(dim: int) -> int:
+    """``m``: the smallest integer ``≥ 2`` that does not divide ``dim`` (block ``β`` reads ``τ`` from ``m·β`` on).
+
+    With ``m ∤ d`` two colliding coordinates never read the same ``τ`` entry, and two colliding
+    pairs of the same two blocks never read the same two entries (``docs/diagnostics.md``): what
+    keeps the variance formula exact. 3 for a power of two.
+    """
+    m = 2
+    while dim % m == 0:
+        m += 1
+    return m
+
+
+def max_blocks(dim: int) -> int:
+    """The most blocks one key can hash: ``τ`` (``2d + m·blocks`` entries) is read from a 32-bit counter."""
+    return ((1 << 32) - 2 * dim) // tau_stride(dim)
+
+
 class _Draws:
-    """The random draws of one key for blocks ``0 .. blocks-1``: ``τ`` (length ``d + blocks``),
+    """The random draws of one key for blocks ``0 .. blocks-1``: ``τ`` (length ``2d + m·blocks``),
     rotations ``r_β`` and block signs ``σ_β``, and the piece plans made from them."""
 
     def __init__(self, dim: int, key: int, blocks: int) -> None:
         sub = [mix64(key, s) for s in range(4)]
         self.blocks = blocks
-        self.tau = 1.0 - 2.0 * (_fmix32_range(dim + blocks, sub[_TAU]) >> 31).to(torch.float64)
+        self.stride = tau_stride(dim)
+        self.tau = 1.0 - 2.0 * (_fmix32_range(2 * dim + self.stride * blocks, sub[_TAU]) >> 31).to(torch.float64)
         hi = _fmix32_range(blocks, sub[_ROT_HI]).bitwise_and_(0x7FFFFFFF)
         rot = torch.remainder((hi << 32) | _fmix32_range(blocks, sub[_ROT_LO]), dim)  # 63 random bits mod d
         sign = 1.0 - 2.0 * (_fmix32_range(blocks, sub[_SIGN]) >> 31).to(torch.float64)
@@ -154,44 +178,59 @@ class _Draws:
 
 
 class _Plan:
-    """How coordinates ``start .. start+n-1`` enter the sketch under one key: contiguous segments
-    (a block's piece, cut once where its rotation wraps) with their bucket range, ``τ`` window and
-    block sign, for one fused ``torch._foreach_addcmul_`` per call instead of a Python loop of
-    ``addcmul_`` (the CPU path: ~3 segments per parameter, ~250 per micro-batch for a 10M model;
-    the batched path: the partial blocks at a range's ends). Built once per range and key."""
+    """How coordinates ``start .. start+n-1`` enter the ``2d`` scratch under one key: one contiguous
+    segment per block they touch (scratch positions ``q = o + r_β``, never wrapped), with its ``τ``
+    window and block sign, for one fused ``torch._foreach_addcmul_`` per call instead of a Python
+    loop (the CPU path: one segment per parameter inside a block, one per block of a larger one,
+    ~220 per micro-batch for a 10M model; the batched path: the partial blocks at a range's ends).
+    Built once per range and key; the scratch slices are kept for the last scratch tensor used."""
 
     def __init__(self, dim: int, start: int, n: int, draws: _Draws, tau: torch.Tensor) -> None:
         self.sizes: list[int] = []
         self.bounds: list[tuple[int, int]] = []
         self.taus: list[torch.Tensor] = []
-        self.values: list[float] = []
-        pos, block = 0, start // dim
+        first = start // dim
+        last = (start + n - 1) // dim
+        rots = draws.rot[first : last + 1].tolist()
+        self.values: list[float] = draws.sign[first : last + 1].tolist()
+        stride = draws.stride
+        pos, block = 0, first
         while pos < n:
             off = (start + pos) - block * dim
-            m = min(n - pos, dim - off)
-            bucket = (off + int(draws.rot[block])) % dim
-            sign = float(draws.sign[block])
-            head = min(m, dim - bucket)  # buckets bucket .. dim-1, then the rest wraps to 0 ..
-            for lo, size in ((bucket, head), (0, m - head)):
-                if size:
-                    self.sizes.append(size)
-                    self.bounds.append((lo, lo + size))
-                    self.taus.append(tau[lo + block : lo + block + size])
-                    self.values.append(sign)
-            pos += m
+            size = min(n - pos, dim - off)
+            q = off + rots[block - first]
+            self.sizes.append(size)
+            self.bounds.append((q, q + size))
+            self.taus.append(tau[q + stride * block : q + stride * block + size])
+            pos += size
             block += 1
+        self._scratch: torch.Tensor | None = None
+        self._targets: list[torch.Tensor] = []
+
+    def targets(self, scratch: torch.Tensor) -> list[torch.Tensor]:
+        """The segments' slices of ``scratch`` (made once per scratch tensor)."""
+        if self._scratch is not scratch:
+            self._targets = [scratch[lo:hi] for lo, hi in self.bounds]
+            self._scratch = scratch
+        return self._targets
 
 
 def _hash_reference(j: int, key: int, dim: int) -> tuple[int, int]:
     """Pure-Python ``(h(j), s(j))`` of global coordinate ``j`` (the definition the sketch vectorises)."""
+    return _hash_reference_full(j, key, dim)[:2]
+
+
+def _hash_reference_full(j: int, key: int, dim: int) -> tuple[int, int, int]:
+    """``(h(j), s(j), index of the τ entry j reads)`` in pure Python (tests check the proof's conditions on it)."""
     block, off = divmod(j, dim)
     sub = [mix64(key, s) for s in range(4)]
     hi = _fmix32(block ^ (sub[_ROT_HI] & _MASK32)) & 0x7FFFFFFF
     rot = ((hi << 32) | _fmix32(block ^ (sub[_ROT_LO] & _MASK32))) % dim
-    bucket = (off + rot) % dim
+    q = off + rot  # the unwrapped rotated position, in [0, 2d)
     sigma = -1 if _fmix32(block ^ (sub[_SIGN] & _MASK32)) >> 31 else 1
-    tau = -1 if _fmix32((bucket + block) ^ (sub[_TAU] & _MASK32)) >> 31 else 1
-    return bucket, sigma * tau
+    t = q + tau_stride(dim) * block
+    tau = -1 if _fmix32(t ^ (sub[_TAU] & _MASK32)) >> 31 else 1
+    return q % dim, sigma * tau, t
 
 
 class CountSketch:
@@ -202,9 +241,13 @@ class CountSketch:
         seed: with the step, determines the hash; every rank must use the same.
         chunk: values per batch of the vectorised path (bounds its transient memory).
         vectorised: ``None`` (default) picks per device: on the CPU one fused
-            ``torch._foreach_addcmul_`` over the pieces of each block (no transient at all), on
-            accelerators batched gathers (a few kernels per ``chunk`` values instead of two per
+            ``torch._foreach_addcmul_`` over the blocks of each range (no transient at all), on
+            accelerators batched gathers (a few kernels per ``chunk`` values instead of one per
             block). Both compute the same sketch (tested).
+
+    Two ways to add: :meth:`add_` (``out [d] += S(x)``), or, when many ranges go into one sketch
+    (the parameters of a model), :meth:`accumulate_` into a ``[2d]`` scratch for each of them and
+    one :meth:`fold_` of the scratch into the sketch at the end.
 
     Example::
 
@@ -235,16 +278,17 @@ class CountSketch:
 
     def draws(self, key: int, blocks: int) -> _Draws:
         """The draws of ``key`` covering at least ``blocks`` blocks (cached for the last key)."""
-        if blocks + self.dim > 1 << 32:
+        most = max_blocks(self.dim)
+        if blocks > most:
             raise ValueError(
                 f"global coordinate {blocks * self.dim} is beyond what a sketch of dimension {self.dim} hashes "
-                f"(at most 2^32 − d blocks of d coordinates): use a larger sketch_dim"
+                f"(at most {most} blocks of d coordinates): use a larger sketch_dim"
             )
         d = self._draws
         if d is None or self._draws_key != key or d.blocks < blocks:
             # grow geometrically: a model's blocks are met in order, parameter by parameter
             have = d.blocks if d is not None and self._draws_key == key else 0
-            d = _Draws(self.dim, key, max(blocks, 2 * have, 64))
+            d = _Draws(self.dim, key, min(max(blocks, 2 * have, 64), most))
             self._draws, self._draws_key = d, key
         return d
 
@@ -253,67 +297,87 @@ class CountSketch:
         j = torch.arange(start, start + n, dtype=torch.int64)
         block, off = j // self.dim, j % self.dim
         draws = self.draws(key, int(block.max()) + 1 if n else 1)
-        bucket = (off + draws.rot[block]) % self.dim
-        return bucket, draws.sign[block] * draws.tau[bucket + block]
+        q = off + draws.rot[block]
+        return q % self.dim, draws.sign[block] * draws.tau[q + draws.stride * block]
 
     def add_(self, out: torch.Tensor, values: torch.Tensor, start: int, key: int, scale: float = 1.0) -> torch.Tensor:
         """``out += scale · S(x)`` where ``x`` is ``values`` (flattened) placed at global coordinates ``start ..``.
 
         ``out`` is a ``[d]`` floating tensor on ``values``' device; ``values`` of any floating
-        dtype is accumulated in ``out.dtype``. Returns ``out``.
+        dtype is accumulated in ``out.dtype``. Returns ``out``. Transient: a ``[2d]`` scratch.
         """
         if out.shape != (self.dim,):
             raise ValueError(f"sketch output must have shape ({self.dim},), got {tuple(out.shape)}")
+        scratch = torch.zeros(2 * self.dim, dtype=out.dtype, device=out.device)
+        return self.fold_(out, self.accumulate_(scratch, values, start, key, scale))
+
+    def accumulate_(self, scratch: torch.Tensor, values: torch.Tensor, start: int, key: int,
+                    scale: float = 1.0) -> torch.Tensor:
+        """``scratch += scale · W(x)``, the unfolded sketch: :meth:`fold_` turns it into ``S(x)``.
+
+        ``scratch`` is a ``[2d]`` floating tensor on ``values``' device (position ``q`` holds what
+        goes to bucket ``q mod d``); any number of ranges may be accumulated before one fold.
+        Returns ``scratch``.
+        """
+        dim = self.dim
+        if scratch.shape != (2 * dim,):
+            raise ValueError(f"sketch scratch must have shape ({2 * dim},), got {tuple(scratch.shape)}")
         flat = values.detach().reshape(-1)
         n = flat.numel()
         if n == 0:
-            return out
-        if flat.dtype != out.dtype:
-            flat = flat.to(out.dtype)
-        dim = self.dim
+            return scratch
+        if flat.dtype != scratch.dtype:
+            flat = flat.to(scratch.dtype)
         first, last = start // dim, (start + n - 1) // dim
         draws = self.draws(key, last + 1)
-        tau = draws.on("tau", out.device, out.dtype)
-        vectorised = self.vectorised if self.vectorised is not None else out.device.type != "cpu"
+        vectorised = self.vectorised if self.vectorised is not None else scratch.device.type != "cpu"
         if not vectorised:
-            self._add_planned(out, flat, start, draws, scale)
-            return out
+            self._add_planned(scratch, flat, start, draws, scale)
+            return scratch
+        tau = draws.on("tau", scratch.device, scratch.dtype)
         pos, block = 0, first
         while pos < n:
             off = (start + pos) - block * dim
             if off == 0 and n - pos >= 2 * dim:
                 full = (n - pos) // dim
-                self._add_blocks(out, flat[pos : pos + full * dim].view(full, dim), block, draws, tau, scale)
+                self._add_blocks(scratch[:dim], flat[pos : pos + full * dim].view(full, dim), block, draws, tau, scale)
                 pos += full * dim
                 block += full
                 continue
             m = min(n - pos, dim - off)
-            self._add_planned(out, flat[pos : pos + m], start + pos, draws, scale)
+            self._add_planned(scratch, flat[pos : pos + m], start + pos, draws, scale)
             pos += m
             block += 1
+        return scratch
+
+    def fold_(self, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """``out += scratch[:d] + scratch[d:]``, then ``scratch`` is zeroed (ready for the next
+        accumulation). Returns ``out``."""
+        out.add_(scratch[: self.dim]).add_(scratch[self.dim :])
+        scratch.zero_()
         return out
 
-    def _add_planned(self, out: torch.Tensor, flat: torch.Tensor, start: int, draws: _Draws, scale: float) -> None:
-        """``flat`` (coordinates ``start ..``) rotated and signed into ``out`` by its cached :class:`_Plan`."""
-        plan = draws.plan(self.dim, start, flat.numel(), out.device, out.dtype)
+    def _add_planned(self, scratch: torch.Tensor, flat: torch.Tensor, start: int, draws: _Draws, scale: float) -> None:
+        """``flat`` (coordinates ``start ..``) signed into ``scratch`` by its cached :class:`_Plan`."""
+        plan = draws.plan(self.dim, start, flat.numel(), scratch.device, scratch.dtype)
         values = plan.values if scale == 1.0 else [v * scale for v in plan.values]
-        torch._foreach_addcmul_([out[lo:hi] for lo, hi in plan.bounds], flat.split(plan.sizes), plan.taus, values)
+        torch._foreach_addcmul_(plan.targets(scratch), flat.split(plan.sizes), plan.taus, values)
 
     def _add_blocks(self, out: torch.Tensor, blocks: torch.Tensor, first: int, draws: _Draws,
                     tau: torch.Tensor, scale: float) -> None:
-        """Whole blocks ``[nb, d]`` starting at block ``first``, batched: gather the rotation, multiply by
-        the ``τ`` windows (a strided view of ``τ``) and sum the rows with their signs."""
+        """Whole blocks ``[nb, d]`` starting at block ``first``, batched in bucket space into ``out``
+        (``[d]``): gather each row's rotation (bucket ``h`` reads offset ``h − r_β``), multiply by
+        the ``τ`` entries (``τ[q + m·β]`` with ``q = h + d·[h < r_β]``) and sum the rows with their signs."""
         dim = self.dim
         per = max(1, self.chunk // dim)
         cols = torch.arange(dim, device=out.device)
-        windows = tau.unfold(0, dim, 1)  # [len - d + 1, d]: row β is τ[β .. β + d), no copy
         for lo in range(0, blocks.shape[0], per):
             hi = min(lo + per, blocks.shape[0])
             b0 = first + lo
-            rot = draws.on("rot", out.device)[b0 : first + hi]
-            src = torch.remainder(cols[None, :] - rot[:, None], dim)  # bucket h reads offset h − r_β
-            rotated = blocks[lo:hi].gather(1, src)
-            rotated.mul_(windows[b0 : first + hi])
+            rot = draws.on("rot", out.device)[b0 : first + hi, None]
+            rotated = blocks[lo:hi].gather(1, torch.remainder(cols - rot, dim))
+            beta = torch.arange(b0, first + hi, device=out.device)[:, None]
+            rotated.mul_(tau[cols + dim * (cols < rot) + draws.stride * beta])
             sign = draws.on("sign", out.device, out.dtype)[b0 : first + hi]
             out.addmv_(rotated.T, sign, alpha=scale)
 

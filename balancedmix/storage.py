@@ -279,8 +279,9 @@ class SketchStorage(LaggedCoefficients, RowTable):
             pass it when ``params`` are local shards of DTensors.
 
     Memory: ``rows × d`` values (``K × d``, ``2K × d`` with the split estimator, +d when untagged
-    backwards happen); transient per ``add``: one hashed chunk (and, in the optimizer's hook,
-    the scaled gradient of one parameter when the lagged coefficient is not 1).
+    backwards happen) and a ``[2d]`` scratch for the row being written; no transient on the CPU
+    (accelerators: one batch of ``CHUNK`` gathered values), and, in the optimizer's hook, the
+    scaled gradient of one parameter when the lagged coefficient is not 1.
     """
 
     kind = "sketch"
@@ -303,7 +304,11 @@ class SketchStorage(LaggedCoefficients, RowTable):
         self.starts = list(starts) if starts is not None else global_starts(self.params)
         if len(self.starts) != len(self.params):
             raise ValueError(f"starts has {len(self.starts)} entries for {len(self.params)} parameters")
+        self._scratch_row: int | None = None  # the row whose unfolded sketch the scratch holds
         self._init_rows(dim, dtype, self.params, order)
+        # the active row's adds go into a [2d] scratch (one contiguous add per block), folded into
+        # the row when another row is written or any row is read (``data``)
+        self._scratch = torch.zeros(2 * dim, dtype=dtype, device=self.device)
         # global blocks the local coordinates reach: the hash's draws are made for all of them at once
         end = max((s + p.numel() for s, p in zip(self.starts, self.params)), default=0)
         self._blocks = max(1, -(-end // dim))
@@ -311,13 +316,37 @@ class SketchStorage(LaggedCoefficients, RowTable):
         self._key = self.sketcher.key(0)
         self._init_lag()  # lagged coefficient per row key (absent: 1)
 
+    @property
+    def data(self) -> torch.Tensor:
+        """The row sketches ``[rows, d]``, with the scratch's pending adds folded in first."""
+        if self._scratch_row is not None:
+            self._flush()
+        return self._rows
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        self._rows = value
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the rows (``rows × d``) and the ``[2d]`` scratch."""
+        return (self._rows.numel() + self._scratch.numel()) * self._rows.element_size()
+
+    def _flush(self) -> None:
+        """Fold the scratch into its row (and zero it)."""
+        row, self._scratch_row = self._scratch_row, None
+        if row is not None:
+            self.sketcher.fold_(self._rows[row], self._scratch)
+
     # ---------------------------------------------------------------- rows (RowTable)
     def finish(self) -> list[int]:
         """The rows used this step, sorted (a sketch row needs no completion)."""
+        self._flush()
         return sorted(self.used)
 
     def reset(self) -> None:
         """Start a new accumulation period: used rows zeroed, a new hash key."""
+        self._flush()
         self.zero_rows(sorted(self.used | self.dirty))
         self.used = set()
         self.period += 1
@@ -331,19 +360,27 @@ class SketchStorage(LaggedCoefficients, RowTable):
 
     # ---------------------------------------------------------------- the interface
     def add(self, row: int, param_index: int, grad: torch.Tensor) -> None:
-        """Sketch ``grad`` (one parameter's gradient, rank-local) into ``row``."""
+        """Sketch ``grad`` (one parameter's gradient, rank-local) into ``row`` (through the scratch)."""
         if grad.is_sparse:
             raise TypeError(f"sparse gradient for parameter {param_index}; balancedmix supports dense gradients only")
-        self.sketcher.add_(self.data[row], grad, self.starts[param_index], self._key)
+        if self._scratch_row != row:
+            self._flush()
+            self._scratch_row = row
+        self.sketcher.accumulate_(self._scratch, grad, self.starts[param_index], self._key)
         self.used.add(row)
+
+    def _sketch_into(self, out: torch.Tensor, grads: GradList) -> torch.Tensor:
+        """``out += S(grads)`` with this period's hash, through the (flushed) scratch."""
+        self._flush()
+        for i, g in enumerate(grads):
+            if g is not None:
+                self.sketcher.accumulate_(self._scratch, g, self.starts[i], self._key)
+        return self.sketcher.fold_(out, self._scratch)
 
     def sketch_grads(self, grads: GradList) -> torch.Tensor:
         """``S(p.grad)`` (float64 ``[d]``) of the rank-local gradients, with this period's hash."""
         out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for i, g in enumerate(grads):
-            if g is not None:
-                self.sketcher.add_(out, g, self.starts[i], self._key)
-        return out.to(torch.float64)
+        return self._sketch_into(out, grads).to(torch.float64)
 
     def row_stats(
         self, grads: GradList | None, reduce: Callable[[torch.Tensor], None] | None = None
@@ -358,13 +395,9 @@ class SketchStorage(LaggedCoefficients, RowTable):
         n = len(self.keys)
         both = torch.empty(n + 1, self.dim, dtype=self.dtype, device=self.device)
         both[:n] = self.data
-        if grads is None:
-            both[n].zero_()
-        else:
-            both[n] = 0.0
-            for i, g in enumerate(grads):
-                if g is not None:
-                    self.sketcher.add_(both[n], g, self.starts[i], self._key)
+        both[n] = 0.0
+        if grads is not None:
+            self._sketch_into(both[n], grads)
         if reduce is not None:
             reduce(both)
             self.data.copy_(both[:n])
@@ -395,6 +428,7 @@ class SketchStorage(LaggedCoefficients, RowTable):
                 f"state dict was saved with sketch_dim={state['dim']}, seed={state['seed']}; this optimizer has "
                 f"sketch_dim={self.dim}, seed={self.sketcher.seed}"
             )
+        self._flush()  # pending adds belong to the old key's rows
         self.period = int(state["period"])
         self._key = self.sketcher.key(self.period)
         self._load_lag_state(state["coefficients"])

@@ -13,12 +13,14 @@ from balancedmix.sketch import (
     _fmix32,
     _fmix32_range,
     _hash_reference,
+    _hash_reference_full,
     delta_standard_errors,
     exact_inner_product_variance,
     gram_covariance,
     global_starts,
     inner_product_variance,
     mix64,
+    tau_stride,
 )
 from balancedmix.storage import ExactStorage, SketchStorage
 
@@ -82,6 +84,69 @@ def test_a_block_is_a_signed_rotation_so_one_block_is_sketched_exactly():
     assert torch.equal(torch.remainder(h - h[0], 64), torch.arange(64))
     a, b = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
     assert math.isclose(float(cs.sketch(a, key=key) @ cs.sketch(b, key=key)), float(a @ b), rel_tol=1e-12)
+
+
+def _tau_conflicts(dim: int, blocks: int, keys: int) -> int:
+    """How often the proof's conditions on ``τ`` fail over ``keys`` keys: a colliding pair of
+    coordinates (different blocks, same bucket) reading one ``τ`` entry, or two colliding pairs of
+    the same two blocks reading the same two entries."""
+    cs = CountSketch(dim)
+    n = blocks * dim
+    bad = 0
+    for i in range(keys):
+        key = cs.key(i)
+        h, _ = cs.buckets_and_signs(0, n, key)
+        draws = cs.draws(key, blocks)
+        j = torch.arange(n)
+        t = (j % dim + draws.rot[j // dim]) + draws.stride * (j // dim)  # the τ entry each coordinate reads
+        seen: set[tuple[int, int, int, int]] = set()
+        for a in range(n):
+            for b in range(a + 1, n):
+                if a // dim == b // dim or int(h[a]) != int(h[b]):
+                    continue
+                ta, tb = int(t[a]), int(t[b])
+                pair = (a // dim, b // dim, min(ta, tb), max(ta, tb))
+                bad += ta == tb or pair in seen
+                seen.add(pair)
+    return bad
+
+
+@pytest.mark.parametrize("dim", [1, 2, 4, 6, 8, 12])
+def test_colliding_pairs_never_share_tau_entries(dim):
+    """The conditions the exact variance rests on (docs/diagnostics.md), checked exhaustively on
+    4 blocks under 40 keys, for powers of two and for d divisible by 2, 3 and 4 (m = 3, 4, 5)."""
+    m = tau_stride(dim)
+    assert m >= 2 and dim % m != 0 and all(dim % k == 0 for k in range(2, m))
+    assert _tau_conflicts(dim, 4, 40) == 0
+    for j in (0, dim - 1, 3 * dim + 1):
+        h, s, t = _hash_reference_full(j, 12345, dim)
+        assert (h, s) == _hash_reference(j, 12345, dim) and 0 <= h < dim and t < 2 * dim + m * 4
+
+
+def test_a_tau_stride_dividing_d_breaks_the_conditions(monkeypatch):
+    """Negative control: with m | d (here m = 2, d = 8) the check above does find shared entries."""
+    import balancedmix.sketch as sketch_module
+
+    monkeypatch.setattr(sketch_module, "tau_stride", lambda dim: 2)
+    assert _tau_conflicts(8, 4, 40) > 0
+
+
+def test_accumulate_then_one_fold_equals_adding_each_range():
+    cs = CountSketch(16, seed=4)
+    key = cs.key(2)
+    xs = [torch.randn(n, dtype=torch.float64) for n in (5, 40, 16, 3)]
+    starts = [0, 5, 45, 61]
+    each = torch.zeros(16, dtype=torch.float64)
+    scratch = torch.zeros(32, dtype=torch.float64)
+    for x, s0 in zip(xs, starts):
+        cs.add_(each, x, s0, key)
+        cs.accumulate_(scratch, x, s0, key, scale=0.5)
+    once = cs.fold_(torch.zeros(16, dtype=torch.float64), scratch)
+    torch.testing.assert_close(once, 0.5 * each)
+    assert float(scratch.abs().sum()) == 0.0  # the fold leaves the scratch zeroed
+    torch.testing.assert_close(each, cs.sketch(torch.cat(xs), key=key))
+    with pytest.raises(ValueError, match="scratch must have shape"):
+        cs.accumulate_(torch.zeros(16), xs[0], 0, key)
 
 
 def test_keys_differ_by_seed_and_step():
@@ -187,7 +252,7 @@ def test_pairwise_collision_moments():
 
 
 @settings(max_examples=8, deadline=None)
-@given(st.integers(20, 120), st.sampled_from([4, 16]), st.floats(-0.9, 0.9), st.integers(0, 10_000),
+@given(st.integers(20, 120), st.sampled_from([4, 6, 16]), st.floats(-0.9, 0.9), st.integers(0, 10_000),
        st.sampled_from(["random", "constant", "ramp"]))
 def test_inner_products_unbiased_with_the_stated_variance_over_seeds(n, dim, rho, seed, shape):
     """Over 3000 keys: mean of ⟨Sa,Sb⟩ within 5 SE of ⟨a,b⟩; variance within 20 % of the formula
@@ -300,6 +365,8 @@ def _params():
 
 
 def test_sketch_storage_rows_are_sketches_of_the_row_gradients_and_memory_is_rows_times_d():
+    """Rows first used in the order 1, 0, 2 (each allocation moves the pending row of the scratch:
+    it must be folded into the right row first); memory is rows × d plus the 2d scratch."""
     params = _params()
     store = SketchStorage(params, dim=16, seed=3, dtype=torch.float64, order=lambda k: k)
     g = torch.Generator().manual_seed(0)
@@ -310,7 +377,7 @@ def test_sketch_storage_rows_are_sketches_of_the_row_gradients_and_memory_is_row
             store.add(r, i, gr)
         assert store.hook_scale(r) == 1.0  # no coefficient yet: autograd gets grad unchanged
     assert store.keys == [0, 1, 2] and store.finish() == [0, 1, 2]
-    assert store.nbytes == 3 * 16 * 8 and tuple(store.data.shape) == (3, 16)
+    assert store.nbytes == (3 + 2) * 16 * 8 and tuple(store.data.shape) == (3, 16)
     mat = store.sketcher.matrix(17, store.key)
     flat = {k: torch.cat([t.reshape(-1) for t in gs]) for k, gs in grads.items()}
     for k in (0, 1, 2):
@@ -323,11 +390,33 @@ def test_sketch_storage_rows_are_sketches_of_the_row_gradients_and_memory_is_row
     torch.testing.assert_close(sq, sk.sum(0) @ sk.sum(0))
 
 
-def test_sketch_storage_split_rows_cost_two_k_times_d():
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.booleans()), min_size=1, max_size=25))
+def test_sketch_storage_rows_stay_exact_under_any_interleaving_of_adds_and_reads(ops):
+    """Adds to rows in any order (the scratch holds one row at a time), with reads of ``data``,
+    ``row_stats`` and new rows in between: every row is the sketch of what was added to it."""
+    params = _params()
+    store = SketchStorage(params, dim=8, seed=1, dtype=torch.float64, order=lambda k: k)
+    mat = store.sketcher.matrix(17, store.key)
+    want: dict[int, torch.Tensor] = {}
+    for n, (key, index, read) in enumerate(ops):
+        grad = torch.full(params[index].shape, float(n + 1), dtype=torch.float64)
+        store.add(store.row(key), index, grad)
+        flat = torch.zeros(17, dtype=torch.float64)
+        lo = 0 if index == 0 else 12
+        flat[lo : lo + grad.numel()] = grad.reshape(-1)
+        want[key] = want.get(key, torch.zeros(8, dtype=torch.float64)) + mat @ flat
+        if read:
+            store.row_stats([torch.ones(4, 3, dtype=torch.float64), None])
+    for key, sketch in want.items():
+        torch.testing.assert_close(store.data[store.index(key)], sketch)
+
+
+def test_sketch_storage_split_rows_cost_two_k_times_d_plus_the_scratch():
     params = [torch.zeros(1000)]
     store = SketchStorage(params, dim=64)
     store.reserve([("task", t, h) for t in range(4) for h in (0, 1)])
-    assert store.nbytes == 2 * 4 * 64 * 4
+    assert store.nbytes == (2 * 4 + 2) * 64 * 4  # 2K rows and the 2d scratch
     big = [v for v in vars(store).values() if isinstance(v, torch.Tensor) and v.numel() >= 1000]
     assert big == []  # nothing of size P is kept
 

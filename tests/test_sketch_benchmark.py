@@ -26,9 +26,9 @@ def test_sketch_suite_runs_and_its_errors_follow_the_formula():
     for r in acc:
         assert math.isclose(r["sqnorm_rel_se_formula"], math.sqrt(2 / r["d"]))
         assert r["sqnorm_rel_rms"] < 3 * r["sqnorm_rel_se_formula"]  # 2 hashes × 4 tasks: loose
-        assert r["sketch_bytes"] == 4 * r["d"] * 4
+        assert r["sketch_bytes"] == (4 + 2) * r["d"] * 4
     timed = [r for r in suite["rows"] if "configuration" in r]
     assert [r["configuration"].split(",")[0] for r in timed] == ["plain AdamW", "exact normalize", "sketch normalize"]
-    assert timed[2]["extra_bytes"] == 4 * 1024 * 4 and timed[1]["extra_bytes"] == 4 * timed[1]["P"] * 4
+    assert timed[2]["extra_bytes"] == (4 + 2) * 1024 * 4 and timed[1]["extra_bytes"] == 4 * timed[1]["P"] * 4
     names = [t["name"] for t in suite["targets"]]
-    assert any("K × d × 4" in n for n in names) and any("0.5B" in n for n in names)
+    assert any("(K + 2) × d × 4" in n for n in names) and any("0.5B" in n for n in names)

@@ -112,7 +112,7 @@ def test_ddp_sketch_mode_matches_the_single_process_sketch_mode(method):
             for k, v in want.items():
                 if k.startswith(("grad_norm", "update_share", "coef", "cos", "grad_scale")):
                     assert math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-7), (k, got[k], v)
-            assert got["buffer_bytes"] == len(TASKS_DDP) * DIM * 4 + DIM * 4  # K task rows + untagged row, float32
+            assert got["buffer_bytes"] == (len(TASKS_DDP) + 1 + 2) * DIM * 4  # K task rows, untagged row, 2d scratch
         assert_params_equal(res["params"], want_params)
 
 
