@@ -186,6 +186,7 @@ class _Plan:
     Built once per range and key; the scratch slices are kept for the last scratch tensor used."""
 
     def __init__(self, dim: int, start: int, n: int, draws: _Draws, tau: torch.Tensor) -> None:
+        self.numel = n
         self.sizes: list[int] = []
         self.bounds: list[tuple[int, int]] = []
         self.taus: list[torch.Tensor] = []
@@ -356,6 +357,16 @@ class CountSketch:
         out.add_(scratch[: self.dim]).add_(scratch[self.dim :])
         scratch.zero_()
         return out
+
+    def cpu_plan(self, start: int, n: int, key: int, dtype: torch.dtype) -> _Plan | None:
+        """The piece plan of coordinates ``start .. start+n-1`` under ``key`` for the CPU path
+        (``None`` where the batched path is used): a caller adding the same range many times may
+        keep it and run ``torch._foreach_addcmul_(plan.targets(scratch), flat.split(plan.sizes),
+        plan.taus, plan.values)`` itself, which is what :meth:`accumulate_` does."""
+        if self.vectorised or n == 0:
+            return None
+        draws = self.draws(key, (start + n - 1) // self.dim + 1)
+        return draws.plan(self.dim, start, n, torch.device("cpu"), dtype)
 
     def _add_planned(self, scratch: torch.Tensor, flat: torch.Tensor, start: int, draws: _Draws, scale: float) -> None:
         """``flat`` (coordinates ``start ..``) signed into ``scratch`` by its cached :class:`_Plan`."""

@@ -309,6 +309,7 @@ class SketchStorage(LaggedCoefficients, RowTable):
         # the active row's adds go into a [2d] scratch (one contiguous add per block), folded into
         # the row when another row is written or any row is read (``data``)
         self._scratch = torch.zeros(2 * dim, dtype=dtype, device=self.device)
+        self._plans: list[Any] = [None] * len(self.params)  # CPU piece plan per parameter, this period's key
         # global blocks the local coordinates reach: the hash's draws are made for all of them at once
         end = max((s + p.numel() for s, p in zip(self.starts, self.params)), default=0)
         self._blocks = max(1, -(-end // dim))
@@ -351,6 +352,7 @@ class SketchStorage(LaggedCoefficients, RowTable):
         self.used = set()
         self.period += 1
         self._key = self.sketcher.key(self.period)
+        self._plans = [None] * len(self.params)
         self.sketcher.draws(self._key, self._blocks)
 
     @property
@@ -366,7 +368,16 @@ class SketchStorage(LaggedCoefficients, RowTable):
         if self._scratch_row != row:
             self._flush()
             self._scratch_row = row
-        self.sketcher.accumulate_(self._scratch, grad, self.starts[param_index], self._key)
+        plan = self._plans[param_index]
+        if plan is None and self._scratch.device.type == "cpu":
+            plan = self._plans[param_index] = self.sketcher.cpu_plan(
+                self.starts[param_index], grad.numel(), self._key, self.dtype
+            )
+        if plan is not None and grad.dtype == self.dtype and grad.is_contiguous() and grad.numel() == plan.numel:
+            # the hooks' path, once per parameter and micro-batch: the cached plan, no re-checks
+            torch._foreach_addcmul_(plan.targets(self._scratch), grad.view(-1).split(plan.sizes), plan.taus, plan.values)
+        else:
+            self.sketcher.accumulate_(self._scratch, grad, self.starts[param_index], self._key)
         self.used.add(row)
 
     def _sketch_into(self, out: torch.Tensor, grads: GradList) -> torch.Tensor:
@@ -431,6 +442,7 @@ class SketchStorage(LaggedCoefficients, RowTable):
         self._flush()  # pending adds belong to the old key's rows
         self.period = int(state["period"])
         self._key = self.sketcher.key(self.period)
+        self._plans = [None] * len(self.params)
         self._load_lag_state(state["coefficients"])
 
 

@@ -1,8 +1,10 @@
-"""``python -m benchmarks run [--suite cpu|gpu|all] [--out DIR] [--quick] [--repeats N] [--only NAMES] [--update-docs]``.
+"""``python -m benchmarks run [--suite cpu|gpu|all] [--out DIR] [--quick] [--repeats N] [--only NAMES] [--update-docs [--base DIR]]``.
 
 Writes ``DIR/results.json`` (machine, every suite's rows, targets, notes) and ``DIR/results.md``
 (the markdown tables that ``docs/benchmarks.md`` includes; ``--update-docs`` copies them between
-the result markers of that page). The gpu suite runs the same measurements on ``cuda`` with a
+the result markers of that page). A subset (``--only``) updates the docs by merging into a full
+run's results (``--base benchmarks/results/cpu``): its suites replace the base's, the page says
+which suites were re-run and by which command, and the base's files are rewritten. The gpu suite runs the same measurements on ``cuda`` with a
 random-init model of Qwen2.5-0.5B's shape in bf16; without a CUDA device its rows are skipped
 and the output says so.
 """
@@ -10,6 +12,7 @@ and the output says so.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -104,6 +107,11 @@ def render(results: dict[str, Any]) -> str:
         f"{results['elapsed_s']:.0f} s.",
         "",
     ]
+    for rerun in results.get("reruns", []):
+        lines[-1:-1] = [
+            f"Re-run since, replacing their tables: {', '.join(rerun['suites'])} — command `{rerun['command']}`, "
+            f"{rerun['date']}, load average at start {rerun.get('load_average')}, {rerun['elapsed_s']:.0f} s.",
+        ]
     for group in ("cpu", "gpu"):
         for name, suite in results["suites"].get(group, {}).items():
             lines.append(common.render_suite(f"{TITLES.get(name, name)} ({group.upper()})", suite))
@@ -125,6 +133,25 @@ def update_docs(markdown: str, suite: str, path: Path = DOCS) -> None:
     path.write_text(f"{head}{begin}\n{markdown.rstrip()}\n{end}{tail}")
 
 
+def merge_into_base(results: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """The full run in ``base_dir/results.json`` with the suites of ``results`` (an ``--only`` run)
+    put in place of its own; the re-run is recorded under ``reruns`` (command, date, load)."""
+    path = base_dir / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no full run to merge into: {path} does not exist (run without --only first)")
+    base = json.loads(path.read_text())
+    names: list[str] = []
+    for group, suites in results["suites"].items():
+        for name, suite in suites.items():
+            base.setdefault("suites", {}).setdefault(group, {})[name] = suite
+            names.append(f"{group}/{name}")
+    base.setdefault("reruns", []).append({
+        "command": results["command"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": results["machine"].get("load_average"), "elapsed_s": results["elapsed_s"], "suites": names,
+    })
+    return base
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                         "every ratio's 95%% interval has a half-width <= 1%%")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CPU_SUITES)}")
     p.add_argument("--update-docs", action="store_true", help="copy the tables into docs/benchmarks.md")
+    p.add_argument("--base", default=None,
+                   help="with --only and --update-docs: the full run's output directory (e.g. benchmarks/results/cpu) "
+                        "whose results the re-run suites replace before the docs are rewritten")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -152,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(only) - set(CPU_SUITES))
         if unknown:
             parser.error(f"unknown suite(s) {unknown}; choose from {', '.join(CPU_SUITES)}")
-        if args.update_docs:
-            # the docs hold one block per suite group; a subset would silently drop the other tables
-            parser.error("--update-docs rewrites the whole results block of docs/benchmarks.md: run it without --only")
+        if args.update_docs and args.base is None:
+            # the docs hold one block per suite group; a subset alone would silently drop the other tables
+            parser.error("--update-docs rewrites the whole results block of docs/benchmarks.md: run it without --only, "
+                         "or give --base DIR (a full run's output, e.g. benchmarks/results/cpu) to merge the subset into")
+    if args.base is not None and not (only and args.update_docs):
+        parser.error("--base is for merging an --only run into a full run with --update-docs")
     groups = ("cpu", "gpu") if args.suite == "all" else (args.suite,)
     default_dir = args.suite if not only else f"{args.suite}-only-{'-'.join(only)}"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / default_dir
@@ -183,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(out / "results.json", results)
     (out / "results.md").write_text(md)
     if args.update_docs:
+        docs_results = results
+        if only:
+            base_dir = Path(args.base)
+            docs_results = merge_into_base(results, base_dir)
+            common.write_json(base_dir / "results.json", docs_results)
+            (base_dir / "results.md").write_text(render(docs_results))
         for group in groups:
-            update_docs(render({**results, "suites": {group: results["suites"][group]}}), group)
+            update_docs(render({**docs_results, "suites": {group: docs_results["suites"][group]}}), group, path=DOCS)
     print(md)
     return 0
 

@@ -117,12 +117,43 @@ def test_cli_rejects_unknown_suite(tmp_path):
 
 
 def test_cli_refuses_partial_docs_update(tmp_path, capsys):
-    """--update-docs replaces the whole results block: with --only it would drop the other tables."""
+    """--update-docs replaces the whole results block: with --only (and no --base) it would drop the other tables."""
     from benchmarks.__main__ import main
 
     with pytest.raises(SystemExit):
         main(["run", "--quick", "--only", "floor", "--update-docs", "--out", str(tmp_path)])
     assert "without --only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--quick", "--only", "floor", "--base", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_cli_merges_a_subset_into_a_full_run_and_the_docs(tmp_path, monkeypatch):
+    """--only X --update-docs --base DIR: X's tables replace the base run's, the others stay, and
+    the page names the re-run."""
+    import benchmarks.__main__ as cli
+    from benchmarks.__main__ import main, render
+
+    base = tmp_path / "full"
+    old = {"machine": {"cpu": "c", "cpu_count": 2, "torch": torch.__version__, "torch_threads": 2, "load_average": 0.5},
+           "command": "python -m benchmarks run", "elapsed_s": 900.0, "suites": {"cpu": {
+               "floor": {"suite": "floor", "rows": [], "tables": [], "targets": [], "notes": ["OLD-FLOOR-NOTE"], "skipped": []},
+               "grpo": {"suite": "grpo", "rows": [], "tables": [], "targets": [], "notes": ["kept grpo"], "skipped": []}}}}
+    base.mkdir()
+    (base / "results.json").write_text(json.dumps(old))
+    page = tmp_path / "b.md"
+    page.write_text("<!-- results:cpu:begin -->\nold\n<!-- results:cpu:end -->\n")
+    monkeypatch.setattr(cli, "DOCS", page)
+    with pytest.raises(FileNotFoundError, match="no full run"):
+        main(["run", "--quick", "--only", "floor", "--update-docs", "--base", str(tmp_path / "none"),
+              "--out", str(tmp_path / "sub")])
+    assert main(["run", "--quick", "--only", "floor", "--update-docs", "--base", str(base), "--out", str(tmp_path / "sub")]) == 0
+    merged = json.loads((base / "results.json").read_text())
+    assert merged["suites"]["cpu"]["grpo"]["notes"] == ["kept grpo"]
+    assert merged["suites"]["cpu"]["floor"]["notes"] != ["OLD-FLOOR-NOTE"]
+    assert [r["suites"] for r in merged["reruns"]] == [["cpu/floor"]]
+    text = page.read_text()
+    assert "kept grpo" in text and "OLD-FLOOR-NOTE" not in text and "Re-run since, replacing their tables: cpu/floor" in text and "cpu/floor" in text
+    assert text.count("<!-- results:cpu:begin -->") == 1 and render(merged) in (base / "results.md").read_text()
 
 
 def test_update_docs_replaces_between_markers(tmp_path):

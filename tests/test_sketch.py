@@ -412,6 +412,24 @@ def test_sketch_storage_rows_stay_exact_under_any_interleaving_of_adds_and_reads
         torch.testing.assert_close(store.data[store.index(key)], sketch)
 
 
+def test_sketch_storage_takes_other_dtypes_and_layouts_off_its_fast_path():
+    """The hooks' fast path (a cached plan, contiguous gradients of the storage's dtype) and the
+    general path (a bf16 gradient, a transposed one) give the same row."""
+    params = [torch.zeros(6, 5), torch.zeros(7)]
+    fast = SketchStorage(params, dim=8, seed=2)
+    slow = SketchStorage(params, dim=8, seed=2)
+    w = torch.randn(5, 6).t()  # non-contiguous
+    b = torch.randn(7).to(torch.bfloat16)
+    for store, grads in ((fast, [w.contiguous(), b.float()]), (slow, [w, b])):
+        r = store.row("t")
+        for i, g in enumerate(grads):
+            store.add(r, i, g)
+    torch.testing.assert_close(fast.data, slow.data)
+    mat = fast.sketcher.matrix(37, fast.key)
+    flat = torch.cat([w.reshape(-1), b.float()]).double()
+    torch.testing.assert_close(fast.data[0].double(), mat @ flat, rtol=1e-5, atol=1e-5)
+
+
 def test_sketch_storage_split_rows_cost_two_k_times_d_plus_the_scratch():
     params = [torch.zeros(1000)]
     store = SketchStorage(params, dim=64)

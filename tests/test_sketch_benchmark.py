@@ -28,7 +28,9 @@ def test_sketch_suite_runs_and_its_errors_follow_the_formula():
         assert r["sqnorm_rel_rms"] < 3 * r["sqnorm_rel_se_formula"]  # 2 hashes × 4 tasks: loose
         assert r["sketch_bytes"] == (4 + 2) * r["d"] * 4
     timed = [r for r in suite["rows"] if "configuration" in r]
-    assert [r["configuration"].split(",")[0] for r in timed] == ["plain AdamW", "exact normalize", "sketch normalize"]
-    assert timed[2]["extra_bytes"] == (4 + 2) * 1024 * 4 and timed[1]["extra_bytes"] == 4 * timed[1]["P"] * 4
+    assert [r["configuration"].split(",")[0] for r in timed] == [
+        "plain AdamW", "exact normalize", "sketch normalize", "sketch sum (measurement only)"]
+    assert timed[2]["extra_bytes"] == timed[3]["extra_bytes"] == (4 + 2) * 1024 * 4 and timed[1]["extra_bytes"] == 4 * timed[1]["P"] * 4
     names = [t["name"] for t in suite["targets"]]
     assert any("(K + 2) × d × 4" in n for n in names) and any("0.5B" in n for n in names)
+    assert any(n.startswith("sketch sum step") for n in names) and any(n.startswith("sketch normalize step") for n in names)
