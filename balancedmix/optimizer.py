@@ -228,8 +228,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
         sync: multi-process DDP only (see ``docs/distributed.md``) — ``"ddp"``: DDP all-reduced
             ``p.grad`` (the last micro-step ran with sync on, as in accelerate's
             ``accumulate()``); ``"buffers"``: every micro-step ran under ``no_sync``, so ``p.grad``
-            is local and is rebuilt from the all-reduced task buffers (cheaper: one collective);
-            ``"auto"`` (default): told apart at each step by comparing ``p.grad`` across ranks.
+            is local and is rebuilt from the all-reduced task buffers (cheaper: one collective;
+            in sketch mode ``p.grad`` itself is all-reduced at :meth:`synchronize`, after a
+            check in sketch space that it is this rank's total; refused with ``measure=``
+            alone); ``"auto"`` (default): told apart at each step by comparing ``p.grad`` across ranks.
             The setting (single process, DDP, FSDP2) is detected when the wrapper is built, and
             again when the optimizer's trainable parameters change between steps (accelerate's
             ``prepare`` under FSDP2, staged unfreezing, a new group): the hooks follow them
@@ -529,7 +531,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
                 "replaced); build the wrapper with measure= naming current parameters"
             )
         what = self._lagged_what
-        if what is not None and dist.kind == "ddp" and self._sync_mode == "buffers":
+        if what is not None and self.sketch_dim is None and dist.kind == "ddp" and self._sync_mode == "buffers":
             raise ValueError(
                 f"sync='buffers' rebuilds p.grad from the task buffers, which {what} does not allow: use sync='ddp' or "
                 "'auto' (DDP must all-reduce p.grad on the last micro-step)"

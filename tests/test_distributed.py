@@ -123,6 +123,8 @@ def _ddp_worker(
 
     model = make_model()
     ddp = DDP(model)
+    if opts.pop("measure_first", False):  # measure= the first parameter only (a lagged, exact subset)
+        opts["measure"] = [next(model.parameters())]
     opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, method=method, sync=opts.pop("sync", "auto"), **opts)
     assert isinstance(opt.distributed, DDPSync)
     diags, modes = [], []

@@ -117,11 +117,66 @@ def test_ddp_sketch_mode_matches_the_single_process_sketch_mode(method):
 
 
 @pytest.mark.slow
-def test_ddp_sketch_mode_refuses_micro_steps_that_never_sync():
+@pytest.mark.parametrize("sync", ["auto", "buffers"])
+def test_ddp_sketch_mode_with_every_micro_step_under_no_sync_matches_the_single_process(sync):
+    """No micro-step lets DDP sync (BalancedGRPOTrainer's way under DDP): synchronize() all-reduces
+    p.grad itself (it carries the lagged coefficients) and the K×d sketches, giving the same
+    figures and parameters as one process on the global batch."""
+    from test_distributed import STEPS, _ddp_worker, assert_params_equal, reference
+
+    want_diags, want_params = reference("normalize", sketch_dim=DIM)
+    results = run_ranks(_ddp_worker, WORLD, "normalize", "buffers", None, {"sketch_dim": DIM, "sync": sync}, timeout=120)
+    for res in results:
+        assert res["modes"] == ["buffers"] * STEPS
+        for got, want in zip(res["diags"], want_diags):
+            for k, v in want.items():
+                if k.startswith(("grad_norm", "update_share", "coef", "cos", "grad_scale")):
+                    assert math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-7), (k, got[k], v)
+        assert_params_equal(res["params"], want_params)
+
+
+def _local_change_worker(rank: int, world: int) -> dict:
+    """Every micro-step under no_sync, then rank 1 halves one local gradient before step()."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from test_distributed import M, SCHEDULE, batch, loss_fn, make_model
+
+    from balancedmix import BalancedOptimizer
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS_DDP, method="normalize",
+                            sketch_dim=DIM)
+    before = [p.detach().clone() for p in model.parameters()]
+    for i, task in enumerate(SCHEDULE[rank]):
+        with ddp.no_sync(), opt.task(task):
+            (loss_fn(ddp, batch(0, rank, i, task)) / M).backward()
+    if rank == 1:
+        next(model.parameters()).grad.mul_(0.5)
+    try:
+        opt.step()
+    except Exception as exc:  # noqa: BLE001 - the test reads the message
+        unchanged = all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+        return {"error": f"{type(exc).__name__}: {exc}", "unchanged": unchanged}
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_ddp_sketch_mode_refuses_a_local_gradient_changed_before_synchronize():
+    """The sketch-space check: p.grad that is not the rank's own Σ c_t G_t (a local clip, here a
+    halved gradient on one rank) raises on every rank, parameters unchanged."""
+    for res in run_ranks(_local_change_worker, WORLD, timeout=120):
+        assert res["error"] is not None and "not this rank's local sum" in res["error"], res
+        assert res["unchanged"]
+
+
+@pytest.mark.slow
+def test_ddp_measured_subset_refuses_micro_steps_that_never_sync():
+    """measure= alone (exact rows of a subset) has nothing to rebuild p.grad from: every micro-step
+    under no_sync raises on every rank."""
     from test_distributed import _ddp_worker
 
-    with pytest.raises(DistributedRunError, match="sketch mode"):
-        run_ranks(_ddp_worker, WORLD, "normalize", "buffers", None, {"sketch_dim": DIM}, timeout=120)
+    with pytest.raises(DistributedRunError, match="measure= needs DDP"):
+        run_ranks(_ddp_worker, WORLD, "normalize", "buffers", None, {"measure_first": True}, timeout=120)
 
 
 def _fsdp_sketch_worker(rank: int, world: int, method: str) -> dict:
@@ -215,3 +270,50 @@ def test_ddp_measured_subset_matches_the_single_process_run():
                 if k.startswith(("grad_norm", "update_share", "coef", "cos", "measured_numel")):
                     assert math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-7), (k, got[k], v)
         assert_params_equal(res["params"], want["params"])
+
+
+# ----------------------------------------------------------------------------- BalancedGRPOTrainer under DDP
+def _trainer_sketch_worker(rank: int, world: int, out: str, homogeneous: bool | str) -> dict:
+    from pathlib import Path
+
+    import test_quotas as tq
+    import test_trl as tt
+
+    trainer = tt.make_trainer(tq._recording_trainer_class(), tt.build_char_tokenizer(), Path(out), optim="sgd",
+                              method="normalize", sketch_dim=DIM, homogeneous=homogeneous, log_dir=out + "/logs")
+    trainer.train()
+    opt = trainer.balanced_optimizer
+    logged = [h for h in trainer.state.log_history if "split_microbatches" in h]
+    return {
+        "kind": opt.distributed.kind,
+        "mode": opt.distributed.last_mode,
+        "mixed": sum(len(t) > 1 for t in trainer.micro_tasks),
+        "params": [p.detach().clone() for p in trainer.model.parameters()],
+        "keys": sorted({k for h in logged for k in h}),
+        "shares": [sum(h.get(f"update_share/{t}", 0.0) for t in tt.TASKS) for h in logged],
+        "coefs": [[h.get(f"coef/{t}") for t in tt.TASKS] for h in logged],
+        "next": [[h.get(f"coef_next/{t}") for t in tt.TASKS] for h in logged],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("homogeneous", ["auto", False], ids=["single-task", "mixed-split"])
+def test_grpo_trainer_sketch_mode_under_ddp(tmp_path, homogeneous):
+    """sketch_dim in BalancedGRPOTrainer on 2 gloo processes (every micro-step under no_sync, as the
+    trainer runs DDP): synchronize() all-reduces p.grad and the sketches before the clip, the
+    ranks end with the same parameters, the figures carry their standard errors, and each step
+    applies the coefficients the previous one computed. Mixed micro-batches (split into one
+    backward per task) work too."""
+    res = run_ranks(_trainer_sketch_worker, WORLD, str(tmp_path), homogeneous, timeout=300)
+    for r in res:
+        assert r["kind"] == "ddp" and r["mode"] == "buffers"
+        assert any(k.startswith("grad_norm_se/") for k in r["keys"]) and "sketch_dim" in " ".join(r["keys"])
+        assert all(abs(s - 1.0) < 1e-6 for s in r["shares"])
+        for prev, cur in zip(r["next"], r["coefs"][1:]):  # the lag: step n+1 applies step n's coef_next
+            for a, b in zip(prev, cur):
+                if a is not None and b is not None:
+                    assert math.isclose(a, b, rel_tol=1e-9), (prev, cur)
+    assert (res[0]["mixed"] > 0) == (homogeneous is False)
+    for a, b in zip(res[0]["params"], res[1]["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

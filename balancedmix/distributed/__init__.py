@@ -362,14 +362,31 @@ class _Collective(SyncStrategy):
         self._errors = []
 
 
+def _sketch_not_local(buffers: Any, tol: float) -> bool:
+    """Sketch storage, before any reduction: is ``p.grad`` *not* this rank's ``Σ_r c_r G_r``?
+
+    Checked in sketch space, where it is exact up to rounding (``S`` is linear and the hooks put
+    ``c_r · grad`` into ``p.grad`` for every gradient they sketch into row ``r``): ``S(p.grad)``
+    against ``Σ_r c_r · row_r``, by the same cosine and scale test as exact rows. One pass over
+    ``p.grad`` (its sketch); ``tol`` is the optimizer's ``mismatch_tol``.
+    """
+    gram, dots, sq = buffers.row_stats([p.grad for p in buffers.params])
+    w = buffers.applied()
+    lsq, dot, gsq = float(w @ gram @ w), float(w @ dots), float(sq)
+    if lsq > 0 and gsq > 0:
+        return 1.0 - dot * dot / (lsq * gsq) > tol or abs(dot / lsq - 1.0) > 1e-2
+    return lsq > 0 or gsq > 0
+
+
 class DDPSync(_Collective):
     """Replicated parameters (DDP): local task buffers, one fused all-reduce at the step.
 
     Args:
         sync: ``"ddp"`` — ``p.grad`` was synced by DDP (mean over ranks of the local totals);
             ``"buffers"`` — every micro-step ran under ``no_sync``, ``p.grad`` holds this rank's
-            total and is rebuilt from the reduced buffers; ``"auto"`` — decided each step from
-            a fingerprint of ``p.grad`` on every rank.
+            total and is rebuilt from the reduced buffers (sketch mode: ``p.grad`` itself is
+            all-reduced, after a check in sketch space that it is this rank's total);
+            ``"auto"`` — decided each step from a fingerprint of ``p.grad`` on every rank.
     """
 
     kind = "ddp"
@@ -402,8 +419,10 @@ class DDPSync(_Collective):
         fingerprint = torch.zeros(2 * world, dtype=_FP64)
         local_flag = torch.zeros(1, dtype=_FP64)  # 1: p.grad is NOT this rank's local total
         gsum, gsq, dot, lsq = (torch.zeros((), dtype=_FP64, device=data.device) for _ in range(4))
-        # sketch storage: no gradients to compare p.grad with or to rebuild it from (DDP must sync p.grad)
+        # lagged storages (sketch, measure=) hold no gradients to rebuild p.grad from: in "buffers" mode
+        # p.grad itself is all-reduced (sketch mode; its local check runs in sketch space), or refused
         exact_rows = getattr(buffers, "can_rebuild", True)
+        sketched = hasattr(buffers, "sketch_grads")
         check_local = self.sync in ("auto", "buffers") and exact_rows
         buffers.zero_unused()  # rows this rank did not fill this step are zeros from here on
         local_total = data.sum(0) if (check_local and rows) else None  # one pass over [R, P]
@@ -426,6 +445,8 @@ class DDPSync(_Collective):
                     local_flag[0] = 1.0
             elif lsq_f > 0 or gsq_f > 0:
                 local_flag[0] = 1.0
+        if self.sync in ("auto", "buffers") and sketched and _sketch_not_local(buffers, mismatch_tol):
+            local_flag[0] = 1.0
         fingerprint[2 * self.rank] = float(gsum)
         fingerprint[2 * self.rank + 1] = float(gsq)
         header = self._meta_header(buffers, rows, row_counts)
@@ -448,11 +469,11 @@ class DDPSync(_Collective):
             mode = "ddp" if identical else "buffers"
         else:
             mode = self.sync
-        if mode == "buffers" and not exact_rows:
+        if mode == "buffers" and not exact_rows and not sketched:
             raise DistributedStateError(
-                "sketch mode (sketch_dim) needs DDP to all-reduce p.grad (the corrected update travels in it), but "
-                "p.grad differs across ranks at step(): every micro-step ran under no_sync. Let the last micro-step "
-                "of each step sync (accelerate's accumulate() does). Parameters were not updated."
+                "measure= needs DDP to all-reduce p.grad (the corrected update travels in it), but p.grad differs "
+                "across ranks at step(): every micro-step ran under no_sync. Let the last micro-step of each step "
+                "sync (accelerate's accumulate() does). Parameters were not updated."
             )
         if mode == "ddp" and not identical:
             raise DistributedStateError(
@@ -481,7 +502,22 @@ class DDPSync(_Collective):
             span.div_(world)
         buffers.mark_complete(grows)
 
-        if mode == "buffers":
+        grad_bytes = 0
+        if mode == "buffers" and not exact_rows:
+            # sketch mode: p.grad (each rank's Σ_t c_t G_t, lagged coefficients applied by the hooks) is
+            # all-reduced as DDP would have done, one parameter at a time (no P-sized staging buffer)
+            for i, p in enumerate(params):
+                if not bool(has_grad_g[i]):
+                    continue
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+                self._all_reduce(g)
+                g.div_(world)
+                if g is not p.grad:
+                    p.grad.copy_(g)
+                grad_bytes += g.numel() * g.element_size()
+        elif mode == "buffers":
             total = span.sum(0) if span.numel() else torch.zeros(data.shape[1], dtype=data.dtype, device=data.device)
             for i, p in enumerate(params):
                 if not bool(has_grad_g[i]):
@@ -489,7 +525,7 @@ class DDPSync(_Collective):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad.copy_(total[buffers.slice(i)].view_as(p.grad))
-        comm = meta.numel() * meta.element_size() + span.numel() * span.element_size()
+        comm = meta.numel() * meta.element_size() + span.numel() * span.element_size() + grad_bytes
         self.last_mode = mode
         return SyncResult(grows, gtask_counts, grow_counts, comm, mode)
 

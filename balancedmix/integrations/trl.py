@@ -174,8 +174,8 @@ class BalancedConfig:
         estimator: ``"raw"`` or ``"split"`` (split-half unbiased norms and noise scales; 2x buffers).
         sketch_dim: ``None`` (exact task buffers) or ``d``: sketch mode, ``K × d`` values instead of
             ``K × P``, sketched figures with standard errors, corrections applied one step late (see
-            ``BalancedOptimizer``). Not under DDP with this trainer (its DDP micro-steps run under
-            ``no_sync``, and sketch mode needs DDP to sync ``p.grad``).
+            ``BalancedOptimizer``). Under DDP (micro-steps under ``no_sync``) ``p.grad`` is
+            all-reduced with the sketches before the clip, by ``synchronize()``.
         schedule: a mixture schedule (``weights(step)`` / ``update(metrics)``) or a
             ``{task: weight}`` dict; ``None`` keeps TRL's ``RepeatSampler`` (dataset proportions).
             Needs a map-style train dataset (a streaming one raises ``ValueError``).
