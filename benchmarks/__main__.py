@@ -145,7 +145,11 @@ def merge_into_base(results: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         for name, suite in suites.items():
             base.setdefault("suites", {}).setdefault(group, {})[name] = suite
             names.append(f"{group}/{name}")
-    base.setdefault("reruns", []).append({
+    # an earlier re-run no longer describes the suites replaced now
+    for rerun in base.get("reruns", []):
+        rerun["suites"] = [n for n in rerun["suites"] if n not in names]
+    base["reruns"] = [r for r in base.get("reruns", []) if r["suites"]]
+    base["reruns"].append({
         "command": results["command"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average": results["machine"].get("load_average"), "elapsed_s": results["elapsed_s"], "suites": names,
     })

@@ -154,6 +154,10 @@ def test_cli_merges_a_subset_into_a_full_run_and_the_docs(tmp_path, monkeypatch)
     text = page.read_text()
     assert "kept grpo" in text and "OLD-FLOOR-NOTE" not in text and "Re-run since, replacing their tables: cpu/floor" in text and "cpu/floor" in text
     assert text.count("<!-- results:cpu:begin -->") == 1 and render(merged) in (base / "results.md").read_text()
+    # a second re-run of the same suite replaces the first's line (it no longer describes a table)
+    assert main(["run", "--quick", "--only", "floor", "--update-docs", "--base", str(base), "--out", str(tmp_path / "sub")]) == 0
+    merged = json.loads((base / "results.json").read_text())
+    assert [r["suites"] for r in merged["reruns"]] == [["cpu/floor"]] and page.read_text().count("Re-run since") == 1
 
 
 def test_update_docs_replaces_between_markers(tmp_path):
