@@ -102,18 +102,26 @@ def test_ddp_ranks_with_disjoint_pieces_sum_to_the_single_process_sketch():
 def test_ddp_sketch_mode_matches_the_single_process_sketch_mode(method):
     """One all-reduce of the K×d sketches: the same figures and, with lagged coefficients carried
     by DDP's own gradient all-reduce, the same parameters as one process on the global batch."""
-    from test_distributed import STEPS, _ddp_worker, assert_params_equal, reference
+    from test_distributed import STEPS, _ddp_worker, reference
 
     want_diags, want_params = reference(method, sketch_dim=DIM)
     results = run_ranks(_ddp_worker, WORLD, method, "ddp", None, {"sketch_dim": DIM}, timeout=120)
     for res in results:
         assert res["modes"] == ["ddp"] * STEPS
-        for got, want in zip(res["diags"], want_diags):
-            for k, v in want.items():
-                if k.startswith(("grad_norm", "update_share", "coef", "cos", "grad_scale")):
-                    assert math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-7), (k, got[k], v)
+        _assert_same_run(res, want_diags, want_params)
+        for got in res["diags"]:
             assert got["buffer_bytes"] == (len(TASKS_DDP) + 1 + 2) * DIM * 4  # K task rows, untagged row, 2d scratch
-        assert_params_equal(res["params"], want_params)
+
+
+def _assert_same_run(res: dict, want_diags: list, want_params: list) -> None:
+    """A rank's figures and final parameters equal the single-process run's."""
+    from test_distributed import assert_params_equal
+
+    for got, want in zip(res["diags"], want_diags):
+        for k, v in want.items():
+            if k.startswith(("grad_norm", "update_share", "coef", "cos", "grad_scale")):
+                assert math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-7), (k, got[k], v)
+    assert_params_equal(res["params"], want_params)
 
 
 @pytest.mark.slow
@@ -122,17 +130,13 @@ def test_ddp_sketch_mode_with_every_micro_step_under_no_sync_matches_the_single_
     """No micro-step lets DDP sync (BalancedGRPOTrainer's way under DDP): synchronize() all-reduces
     p.grad itself (it carries the lagged coefficients) and the K×d sketches, giving the same
     figures and parameters as one process on the global batch."""
-    from test_distributed import STEPS, _ddp_worker, assert_params_equal, reference
+    from test_distributed import STEPS, _ddp_worker, reference
 
     want_diags, want_params = reference("normalize", sketch_dim=DIM)
     results = run_ranks(_ddp_worker, WORLD, "normalize", "buffers", None, {"sketch_dim": DIM, "sync": sync}, timeout=120)
     for res in results:
         assert res["modes"] == ["buffers"] * STEPS
-        for got, want in zip(res["diags"], want_diags):
-            for k, v in want.items():
-                if k.startswith(("grad_norm", "update_share", "coef", "cos", "grad_scale")):
-                    assert math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-7), (k, got[k], v)
-        assert_params_equal(res["params"], want_params)
+        _assert_same_run(res, want_diags, want_params)
 
 
 def _local_change_worker(rank: int, world: int) -> dict:
