@@ -125,15 +125,19 @@ def _assert_same_run(res: dict, want_diags: list, want_params: list) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync", ["auto", "buffers"])
-def test_ddp_sketch_mode_with_every_micro_step_under_no_sync_matches_the_single_process(sync):
+@pytest.mark.parametrize(
+    "sync, estimator, clip", [("auto", "raw", None), ("buffers", "raw", None), ("buffers", "split", 0.05)]
+)
+def test_ddp_sketch_mode_with_every_micro_step_under_no_sync_matches_the_single_process(sync, estimator, clip):
     """No micro-step lets DDP sync (BalancedGRPOTrainer's way under DDP): synchronize() all-reduces
     p.grad itself (it carries the lagged coefficients) and the K×d sketches, giving the same
-    figures and parameters as one process on the global batch."""
+    figures and parameters as one process on the global batch — also with the split estimator
+    and a clip after synchronize() (the trainer's order)."""
     from test_distributed import STEPS, _ddp_worker, reference
 
-    want_diags, want_params = reference("normalize", sketch_dim=DIM)
-    results = run_ranks(_ddp_worker, WORLD, "normalize", "buffers", None, {"sketch_dim": DIM, "sync": sync}, timeout=120)
+    want_diags, want_params = reference("normalize", clip=clip, sketch_dim=DIM, estimator=estimator)
+    opts = {"sketch_dim": DIM, "sync": sync, "estimator": estimator}
+    results = run_ranks(_ddp_worker, WORLD, "normalize", "buffers", clip, opts, timeout=120)
     for res in results:
         assert res["modes"] == ["buffers"] * STEPS
         _assert_same_run(res, want_diags, want_params)
