@@ -281,14 +281,20 @@ def test_ddp_measured_subset_matches_the_single_process_run():
 
 
 # ----------------------------------------------------------------------------- BalancedGRPOTrainer under DDP
-def _trainer_sketch_worker(rank: int, world: int, out: str, homogeneous: bool | str) -> dict:
+def _trainer_sketch_worker(rank: int, world: int, out: str, homogeneous: bool | str, fsdp: bool = False) -> dict:
     from pathlib import Path
 
     import test_quotas as tq
     import test_trl as tt
 
+    kwargs: dict = {}
+    if fsdp:
+        import test_fsdp2 as tf
+
+        tf._force_fsdp2_in_trainer()
+        kwargs.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2})
     trainer = tt.make_trainer(tq._recording_trainer_class(), tt.build_char_tokenizer(), Path(out), optim="sgd",
-                              method="normalize", sketch_dim=DIM, homogeneous=homogeneous, log_dir=out + "/logs")
+                              method="normalize", sketch_dim=DIM, homogeneous=homogeneous, log_dir=out + "/logs", **kwargs)
     trainer.train()
     opt = trainer.balanced_optimizer
     logged = [h for h in trainer.state.log_history if "split_microbatches" in h]
@@ -296,12 +302,38 @@ def _trainer_sketch_worker(rank: int, world: int, out: str, homogeneous: bool | 
         "kind": opt.distributed.kind,
         "mode": opt.distributed.last_mode,
         "mixed": sum(len(t) > 1 for t in trainer.micro_tasks),
-        "params": [p.detach().clone() for p in trainer.model.parameters()],
+        "params": [_full(p) for p in trainer.model.parameters()],
         "keys": sorted({k for h in logged for k in h}),
         "shares": [sum(h.get(f"update_share/{t}", 0.0) for t in tt.TASKS) for h in logged],
         "coefs": [[h.get(f"coef/{t}") for t in tt.TASKS] for h in logged],
         "next": [[h.get(f"coef_next/{t}") for t in tt.TASKS] for h in logged],
     }
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value (an FSDP2 DTensor is gathered)."""
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_grpo_trainer_sketch_mode_under_fsdp2(tmp_path):
+    """sketch_dim in BalancedGRPOTrainer under accelerate's FSDP2 plugin (2 gloo processes): each
+    rank sketches its shards at their global coordinates, the lag scales each task block's
+    increment, and the ranks end with the same parameters and logged figures."""
+    res = run_ranks(_trainer_sketch_worker, WORLD, str(tmp_path), "auto", True, timeout=300)
+    for r in res:
+        assert r["kind"] == "fsdp2"
+        assert any(k.startswith("grad_norm_se/") for k in r["keys"])
+        assert all(abs(s - 1.0) < 1e-6 for s in r["shares"])
+        for prev, cur in zip(r["next"], r["coefs"][1:]):
+            for a, b in zip(prev, cur):
+                if a is not None and b is not None:
+                    assert math.isclose(a, b, rel_tol=1e-9), (prev, cur)
+    assert res[0]["coefs"] == res[1]["coefs"]
+    assert any(c is not None and c != 1.0 for step in res[0]["coefs"][1:] for c in step)  # the lag acted
+    for a, b in zip(res[0]["params"], res[1]["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -323,5 +355,6 @@ def test_grpo_trainer_sketch_mode_under_ddp(tmp_path, homogeneous):
                 if a is not None and b is not None:
                     assert math.isclose(a, b, rel_tol=1e-9), (prev, cur)
     assert (res[0]["mixed"] > 0) == (homogeneous is False)
+    assert any(c is not None and c != 1.0 for step in res[0]["coefs"][1:] for c in step)  # the lag acted
     for a, b in zip(res[0]["params"], res[1]["params"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
