@@ -215,6 +215,12 @@ class _Plan:
             self._scratch = scratch
         return self._targets
 
+    def add_(self, scratch: torch.Tensor, flat: torch.Tensor, scale: float = 1.0) -> None:
+        """``scratch += scale · W(flat)``: ``flat`` (``numel`` values of the scratch's dtype and
+        device) signed into its segments, one fused ``torch._foreach_addcmul_``."""
+        values = self.values if scale == 1.0 else [v * scale for v in self.values]
+        torch._foreach_addcmul_(self.targets(scratch), flat.split(self.sizes), self.taus, values)
+
 
 def _hash_reference(j: int, key: int, dim: int) -> tuple[int, int]:
     """Pure-Python ``(h(j), s(j))`` of global coordinate ``j`` (the definition the sketch vectorises)."""
@@ -361,8 +367,7 @@ class CountSketch:
     def cpu_plan(self, start: int, n: int, key: int, dtype: torch.dtype) -> _Plan | None:
         """The piece plan of coordinates ``start .. start+n-1`` under ``key`` for the CPU path
         (``None`` where the batched path is used): a caller adding the same range many times may
-        keep it and run ``torch._foreach_addcmul_(plan.targets(scratch), flat.split(plan.sizes),
-        plan.taus, plan.values)`` itself, which is what :meth:`accumulate_` does."""
+        keep it and call ``plan.add_(scratch, flat)`` itself, which is what :meth:`accumulate_` does."""
         if self.vectorised or n == 0:
             return None
         draws = self.draws(key, (start + n - 1) // self.dim + 1)
@@ -370,9 +375,7 @@ class CountSketch:
 
     def _add_planned(self, scratch: torch.Tensor, flat: torch.Tensor, start: int, draws: _Draws, scale: float) -> None:
         """``flat`` (coordinates ``start ..``) signed into ``scratch`` by its cached :class:`_Plan`."""
-        plan = draws.plan(self.dim, start, flat.numel(), scratch.device, scratch.dtype)
-        values = plan.values if scale == 1.0 else [v * scale for v in plan.values]
-        torch._foreach_addcmul_(plan.targets(scratch), flat.split(plan.sizes), plan.taus, values)
+        draws.plan(self.dim, start, flat.numel(), scratch.device, scratch.dtype).add_(scratch, flat, scale)
 
     def _add_blocks(self, out: torch.Tensor, blocks: torch.Tensor, first: int, draws: _Draws,
                     tau: torch.Tensor, scale: float) -> None:

@@ -375,7 +375,7 @@ class SketchStorage(LaggedCoefficients, RowTable):
             )
         if plan is not None and grad.dtype == self.dtype and grad.is_contiguous() and grad.numel() == plan.numel:
             # the hooks' path, once per parameter and micro-batch: the cached plan, no re-checks
-            torch._foreach_addcmul_(plan.targets(self._scratch), grad.view(-1).split(plan.sizes), plan.taus, plan.values)
+            plan.add_(self._scratch, grad.view(-1))
         else:
             self.sketcher.accumulate_(self._scratch, grad, self.starts[param_index], self._key)
         self.used.add(row)

@@ -503,28 +503,27 @@ class DDPSync(_Collective):
         buffers.mark_complete(grows)
 
         grad_bytes = 0
-        if mode == "buffers" and not exact_rows:
-            # sketch mode: p.grad (each rank's Σ_t c_t G_t, lagged coefficients applied by the hooks) is
-            # all-reduced as DDP would have done, one parameter at a time (no P-sized staging buffer)
+        if mode == "buffers":
+            # exact rows: p.grad is rebuilt from the reduced rows. Sketch mode: p.grad (each rank's
+            # Σ_t c_t G_t, lagged coefficients applied by the hooks) is all-reduced as DDP would have
+            # done, one parameter at a time (no P-sized staging buffer)
+            total = None
+            if exact_rows:
+                total = span.sum(0) if span.numel() else torch.zeros(data.shape[1], dtype=data.dtype, device=data.device)
             for i, p in enumerate(params):
                 if not bool(has_grad_g[i]):
                     continue
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+                if total is not None:
+                    p.grad.copy_(total[buffers.slice(i)].view_as(p.grad))
+                    continue
                 g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
                 self._all_reduce(g)
                 g.div_(world)
                 if g is not p.grad:
                     p.grad.copy_(g)
                 grad_bytes += g.numel() * g.element_size()
-        elif mode == "buffers":
-            total = span.sum(0) if span.numel() else torch.zeros(data.shape[1], dtype=data.dtype, device=data.device)
-            for i, p in enumerate(params):
-                if not bool(has_grad_g[i]):
-                    continue
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.copy_(total[buffers.slice(i)].view_as(p.grad))
         comm = meta.numel() * meta.element_size() + span.numel() * span.element_size() + grad_bytes
         self.last_mode = mode
         return SyncResult(grows, gtask_counts, grow_counts, comm, mode)
