@@ -310,6 +310,23 @@ def _trainer_sketch_worker(rank: int, world: int, out: str, homogeneous: bool | 
     }
 
 
+def _assert_lagged_sketch_run_agrees(res: list[dict]) -> None:
+    """Both ranks of a trainer run in sketch mode: SE keys logged, shares summing to 1, each step
+    applying the previous step's coef_next, the lag acting (a coefficient ≠ 1), and the same
+    coefficients and bit-identical parameters on both ranks."""
+    for r in res:
+        assert any(k.startswith("grad_norm_se/") for k in r["keys"]) and "sketch_dim" in " ".join(r["keys"])
+        assert all(abs(s - 1.0) < 1e-6 for s in r["shares"])
+        for prev, cur in zip(r["next"], r["coefs"][1:]):  # the lag: step n+1 applies step n's coef_next
+            for a, b in zip(prev, cur):
+                if a is not None and b is not None:
+                    assert math.isclose(a, b, rel_tol=1e-9), (prev, cur)
+    assert res[0]["coefs"] == res[1]["coefs"]
+    assert any(c is not None and c != 1.0 for step in res[0]["coefs"][1:] for c in step)  # the lag acted
+    for a, b in zip(res[0]["params"], res[1]["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _full(p: torch.Tensor) -> torch.Tensor:
     """A parameter's full value (an FSDP2 DTensor is gathered)."""
     return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
@@ -322,18 +339,8 @@ def test_grpo_trainer_sketch_mode_under_fsdp2(tmp_path):
     rank sketches its shards at their global coordinates, the lag scales each task block's
     increment, and the ranks end with the same parameters and logged figures."""
     res = run_ranks(_trainer_sketch_worker, WORLD, str(tmp_path), "auto", True, timeout=300)
-    for r in res:
-        assert r["kind"] == "fsdp2"
-        assert any(k.startswith("grad_norm_se/") for k in r["keys"])
-        assert all(abs(s - 1.0) < 1e-6 for s in r["shares"])
-        for prev, cur in zip(r["next"], r["coefs"][1:]):
-            for a, b in zip(prev, cur):
-                if a is not None and b is not None:
-                    assert math.isclose(a, b, rel_tol=1e-9), (prev, cur)
-    assert res[0]["coefs"] == res[1]["coefs"]
-    assert any(c is not None and c != 1.0 for step in res[0]["coefs"][1:] for c in step)  # the lag acted
-    for a, b in zip(res[0]["params"], res[1]["params"]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(r["kind"] == "fsdp2" for r in res)
+    _assert_lagged_sketch_run_agrees(res)
 
 
 @pytest.mark.slow
@@ -346,15 +353,6 @@ def test_grpo_trainer_sketch_mode_under_ddp(tmp_path, homogeneous):
     applies the coefficients the previous one computed. Mixed micro-batches (split into one
     backward per task) work too."""
     res = run_ranks(_trainer_sketch_worker, WORLD, str(tmp_path), homogeneous, timeout=300)
-    for r in res:
-        assert r["kind"] == "ddp" and r["mode"] == "buffers"
-        assert any(k.startswith("grad_norm_se/") for k in r["keys"]) and "sketch_dim" in " ".join(r["keys"])
-        assert all(abs(s - 1.0) < 1e-6 for s in r["shares"])
-        for prev, cur in zip(r["next"], r["coefs"][1:]):  # the lag: step n+1 applies step n's coef_next
-            for a, b in zip(prev, cur):
-                if a is not None and b is not None:
-                    assert math.isclose(a, b, rel_tol=1e-9), (prev, cur)
+    assert all(r["kind"] == "ddp" and r["mode"] == "buffers" for r in res)
     assert (res[0]["mixed"] > 0) == (homogeneous is False)
-    assert any(c is not None and c != 1.0 for step in res[0]["coefs"][1:] for c in step)  # the lag acted
-    for a, b in zip(res[0]["params"], res[1]["params"]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_lagged_sketch_run_agrees(res)
